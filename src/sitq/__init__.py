@@ -1,0 +1,57 @@
+"""sitq: a task queue that runs on one SQLite file or on PostgreSQL, correct under crashes."""
+
+from __future__ import annotations
+
+from sitq.backends.base import Backend
+from sitq.backends.memory import MemoryBackend
+from sitq.backends.sqlite import SQLiteBackend
+from sitq.clock import Clock, FakeClock, SystemClock
+from sitq.core import Message, ReservedTask, Result, Task, TaskStatus
+from sitq.errors import (
+    BackendError,
+    ResultTimeoutError,
+    Retry,
+    SerializationError,
+    SitqError,
+    SyncClientError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    ValidationError,
+    WorkerError,
+)
+from sitq.queue import TaskQueue
+from sitq.scheduling import RetryPolicy
+from sitq.serialization import CloudpickleSerializer, JsonSerializer, Serializer
+from sitq.sync import SyncTaskQueue
+from sitq.worker import Worker
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Clock",
+    "CloudpickleSerializer",
+    "FakeClock",
+    "JsonSerializer",
+    "MemoryBackend",
+    "Message",
+    "ReservedTask",
+    "Result",
+    "ResultTimeoutError",
+    "Retry",
+    "RetryPolicy",
+    "SQLiteBackend",
+    "SerializationError",
+    "Serializer",
+    "SitqError",
+    "SyncClientError",
+    "SyncTaskQueue",
+    "SystemClock",
+    "Task",
+    "TaskNotFoundError",
+    "TaskQueue",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "ValidationError",
+    "Worker",
+    "WorkerError",
+]

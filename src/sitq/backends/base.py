@@ -1,0 +1,217 @@
+"""The storage contract every backend implements.
+
+A backend moves job rows; it makes no decisions. What to store, when a job is due,
+whether a failure is retried and when an interval series runs next are decided by the
+callers (``TaskQueue``, ``Worker``, ``Consumer``) with the pure functions of
+:mod:`sitq.scheduling`, and handed over as small frozen parameter objects.
+
+Guarantees every implementation must keep (the conformance suite checks them):
+
+* ``claim`` is atomic: a job is handed to one owner at a time, as a lease that
+  expires at ``now + lease``. A running job whose lease expired is claimable again,
+  with ``attempts`` counted, so a dead worker's jobs are never lost.
+* Writes from an owner whose lease was taken over are rejected (``finish`` and
+  ``reschedule`` return ``False``).
+* ``finish`` stores the outcome and, for a recurring job, inserts the next run in the
+  same transaction, unless the series was cancelled.
+* All datetimes in and out are aware UTC. Backends use the ``now`` they are given,
+  never their own clock, so tests can control time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sitq.core import JobKind, ReservedTask, Task, TaskStatus
+from sitq.wakeup import Wakeup
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to insert."""
+
+    id: str
+    queue: str
+    kind: JobKind
+    payload: bytes
+    enqueued_at: datetime
+    available_at: datetime
+    priority: int = 0
+    max_attempts: int = 1
+    max_deliveries: int | None = None
+    interval: timedelta | None = None
+    series_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Claim up to ``limit`` due jobs of ``kind`` from ``queues`` (all queues if None)."""
+
+    owner: str
+    kind: JobKind
+    limit: int
+    lease: timedelta
+    now: datetime
+    queues: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Record a final outcome for a job the owner holds."""
+
+    id: str
+    owner: str
+    status: TaskStatus
+    now: datetime
+    result: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    next_run: NewJob | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule:
+    """Put a held job back to ``pending`` until ``available_at`` (a retry or a release).
+
+    ``undo_attempt`` gives back the attempt the claim counted: a message released
+    without being processed, or a task handed back at shutdown before it started.
+    """
+
+    id: str
+    owner: str
+    available_at: datetime
+    error: str | None = None
+    traceback: str | None = None
+    undo_attempt: bool = False
+
+
+Outcome = Finish | Reschedule
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What :meth:`Backend.settle` did: one flag per outcome, and the claimed jobs."""
+
+    accepted: list[bool]
+    claimed: list[ReservedTask]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReport:
+    """What a heartbeat learned: leases lost to another owner, cancellations asked for."""
+
+    lost: frozenset[str] = frozenset()
+    cancel_requested: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """A filter for :meth:`Backend.list_jobs`, newest first."""
+
+    status: TaskStatus | None = None
+    queue: str | None = None
+    kind: JobKind | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Per-queue counts; ``scheduled`` are pending jobs not yet due."""
+
+    queue: str
+    counts: dict[TaskStatus, int] = field(default_factory=dict)
+    scheduled: int = 0
+    oldest_pending_at: datetime | None = None
+
+    @property
+    def pending(self) -> int:
+        """Pending jobs that are due now (scheduled ones excluded)."""
+        return self.counts.get(TaskStatus.PENDING, 0) - self.scheduled
+
+
+class Backend(abc.ABC):
+    """Storage for jobs. Subclasses document what they cannot do in their docstring."""
+
+    #: Can a write in another process wake this process's workers at once?
+    pushes_wakeups: bool = False
+    #: Can several processes share this backend's storage?
+    multi_process: bool = True
+
+    def __init__(self) -> None:
+        self.wakeup = Wakeup()
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, most backends need it
+        """Connect and create the schema if needed. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. The backend may be opened again."""
+
+    @abc.abstractmethod
+    async def enqueue(self, jobs: Sequence[NewJob]) -> None:
+        """Insert jobs in one transaction (all or none)."""
+
+    @abc.abstractmethod
+    async def claim(self, request: ClaimRequest) -> list[ReservedTask]:
+        """Lease due jobs: highest priority first, then earliest due."""
+
+    @abc.abstractmethod
+    async def extend_leases(
+        self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
+    ) -> LeaseReport:
+        """Push the held leases to ``now + lease``; report lost ones and cancel requests."""
+
+    @abc.abstractmethod
+    async def finish(self, finish: Finish) -> bool:
+        """Record an outcome; ``False`` if ``owner`` no longer holds the job."""
+
+    @abc.abstractmethod
+    async def reschedule(self, reschedule: Reschedule) -> bool:
+        """Return a held job to ``pending``; ``False`` if ``owner`` no longer holds it."""
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        """Record outcomes, then claim: the worker's one round trip per loop turn.
+
+        Backends that can should do it in one transaction (the default makes one call
+        per outcome). An outcome is accepted only if its owner still held the job.
+        """
+        accepted = [
+            await (self.finish(o) if isinstance(o, Finish) else self.reschedule(o))
+            for o in outcomes
+        ]
+        claimed = await self.claim(claim) if claim is not None else []
+        return Settled(accepted, claimed)
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, now: datetime) -> bool:
+        """Cancel a pending job, or flag a running one; ``False`` if finished or unknown."""
+
+    @abc.abstractmethod
+    async def requeue(self, job_id: str, now: datetime) -> bool:
+        """Make a failed, dead or cancelled job pending again with fresh attempts."""
+
+    @abc.abstractmethod
+    async def delete(self, job_id: str) -> bool:
+        """Remove a job whatever its state; ``False`` if unknown."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Task | None:
+        """The job with its outcome, or ``None``."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, query: TaskQuery) -> list[Task]:
+        """Jobs matching ``query``, newest first."""
+
+    @abc.abstractmethod
+    async def queue_stats(self, now: datetime) -> list[QueueStats]:
+        """Counts per queue, sorted by queue name."""
+
+    @abc.abstractmethod
+    async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
+        """The earliest ``available_at`` among pending jobs, or ``None`` if there are none."""
+
+    @abc.abstractmethod
+    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+        """Delete jobs in ``statuses`` that finished before the given time; count them."""

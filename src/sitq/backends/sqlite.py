@@ -1,0 +1,557 @@
+"""SQLiteBackend: the embedded default. One file, any number of worker processes on
+one machine.
+
+How it works: the file is in WAL mode, so readers never wait for the writer. Every
+write is a short ``BEGIN IMMEDIATE`` transaction run directly on the calling event
+loop (statements take microseconds; a thread hop would cost more than the work).
+When another process holds the write lock the call does not block the loop: it
+awaits a short, growing, jittered pause and tries again.
+
+What it cannot do: wake workers in *other processes* the moment work arrives (they
+find it at their next poll or due time; workers in the same process are woken at
+once), or serve machines that do not share the file (use PostgreSQL). Do not put the
+file on a network filesystem: SQLite's locking is not reliable there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sitq.backends.base import (
+    Backend,
+    ClaimRequest,
+    Finish,
+    LeaseReport,
+    NewJob,
+    Outcome,
+    QueueStats,
+    Reschedule,
+    Settled,
+    TaskQuery,
+)
+from sitq.core import JobKind, ReservedTask, Task, TaskStatus
+from sitq.errors import BackendError, ValidationError
+from sitq.wakeup import Wakeup
+
+T = TypeVar("T")
+
+#: How long a call keeps retrying while other processes hold the write lock.
+LOCK_PATIENCE_SECONDS = 30.0
+#: How often (in the clock's microseconds) a claim also looks for expired leases.
+RESCUE_EVERY_MICROS = 500_000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Each entry is one schema version; PRAGMA user_version records how many have run.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sitq_jobs (
+        id               TEXT PRIMARY KEY,
+        queue            TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        priority         INTEGER NOT NULL,
+        payload          BLOB NOT NULL,
+        enqueued_at      INTEGER NOT NULL,
+        available_at     INTEGER NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        max_attempts     INTEGER NOT NULL,
+        max_deliveries   INTEGER,
+        interval_us      INTEGER,
+        series_id        TEXT,
+        owner            TEXT,
+        lease_expires_at INTEGER,
+        started_at       INTEGER,
+        finished_at      INTEGER,
+        result           BLOB,
+        error            TEXT,
+        traceback        TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    -- The claim path: due jobs by priority then due time. Far-future jobs sort after
+    -- every due one, so a large backlog of scheduled work costs the claim nothing.
+    CREATE INDEX sitq_jobs_due ON sitq_jobs (kind, priority DESC, available_at)
+        WHERE status = 'pending';
+    CREATE INDEX sitq_jobs_lease ON sitq_jobs (lease_expires_at) WHERE status = 'running';
+    CREATE INDEX sitq_jobs_enqueued ON sitq_jobs (enqueued_at);
+    CREATE INDEX sitq_jobs_finished ON sitq_jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX sitq_jobs_series ON sitq_jobs (series_id) WHERE series_id IS NOT NULL;
+    """,
+)
+
+_TASK_COLUMNS = (
+    "id, queue, kind, status, priority, attempts, max_attempts, enqueued_at, available_at,"
+    " started_at, finished_at, interval_us, series_id, error, traceback, result"
+)
+_RESERVED_COLUMNS = (
+    "id, queue, kind, payload, priority, attempts, max_attempts, available_at, enqueued_at,"
+    " lease_expires_at, interval_us, series_id, max_deliveries"
+)
+
+# One registry per process so every backend object on the same file shares wake-ups.
+_WAKEUPS: dict[str, Wakeup] = {}
+_WAKEUPS_LOCK = threading.Lock()
+
+
+def _wakeup_for(path: str) -> Wakeup:
+    with _WAKEUPS_LOCK:
+        return _WAKEUPS.setdefault(path, Wakeup())
+
+
+def to_micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _maybe_time(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+class SQLiteBackend(Backend):
+    """Jobs in one SQLite file shared by every process on the machine."""
+
+    pushes_wakeups = False
+    multi_process = True
+
+    def __init__(self, path: str | Path) -> None:
+        text = str(path)
+        if text == ":memory:" or text.startswith("file::memory:"):
+            raise ValidationError(
+                "SQLiteBackend needs a file so workers can share it; "
+                "use MemoryBackend for jobs that live in this process only"
+            )
+        self.path = Path(text).expanduser().resolve()
+        super().__init__()
+        self.wakeup = _wakeup_for(str(self.path))
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._schema_ready = False
+        self._next_rescue = 0
+
+    # -- connections and transactions ---------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if not self.path.parent.is_dir():
+            raise BackendError(f"cannot open SQLite database {self.path}: no such directory")
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            # Opening can race other processes switching the file to WAL: wait for them.
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA busy_timeout = 0")
+        except sqlite3.Error as exc:
+            raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        if not self._schema_ready:
+            self._migrate(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise BackendError(f"cannot create the sitq schema in {self.path}: {exc}") from exc
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
+        self._schema_ready = True
+
+    async def _retrying(self, attempt: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``attempt``; while another process holds the lock, pause and retry."""
+        conn = self._connection()
+        pause = 0.0005
+        deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
+        while True:
+            try:
+                return attempt(conn)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, 0.02)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def attempt(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._retrying(attempt)
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._retrying(work)
+
+    async def open(self) -> None:
+        await self._retrying(lambda conn: None)
+
+    async def close(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    # -- rows to objects -----------------------------------------------------------
+
+    @staticmethod
+    def _task(row: Sequence[Any]) -> Task:
+        interval_us = row[11]
+        return Task(
+            id=row[0],
+            queue=row[1],
+            kind=row[2],
+            status=TaskStatus(row[3]),
+            priority=row[4],
+            attempts=row[5],
+            max_attempts=row[6],
+            enqueued_at=from_micros(row[7]),
+            available_at=from_micros(row[8]),
+            started_at=_maybe_time(row[9]),
+            finished_at=_maybe_time(row[10]),
+            interval=None if interval_us is None else timedelta(microseconds=interval_us),
+            series_id=row[12],
+            error=row[13],
+            traceback=row[14],
+            result=row[15],
+        )
+
+    @staticmethod
+    def _reserved(row: Sequence[Any]) -> ReservedTask:
+        interval_us = row[10]
+        return ReservedTask(
+            id=row[0],
+            queue=row[1],
+            kind=row[2],
+            payload=row[3],
+            priority=row[4],
+            attempts=row[5],
+            max_attempts=row[6],
+            available_at=from_micros(row[7]),
+            enqueued_at=from_micros(row[8]),
+            lease_expires_at=from_micros(row[9]),
+            interval=None if interval_us is None else timedelta(microseconds=interval_us),
+            series_id=row[11],
+        )
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
+        conn.executemany(
+            "INSERT INTO sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
+            " available_at, max_attempts, max_deliveries, interval_us, series_id)"
+            " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    job.id,
+                    job.queue,
+                    job.kind,
+                    job.priority,
+                    job.payload,
+                    to_micros(job.enqueued_at),
+                    to_micros(job.available_at),
+                    job.max_attempts,
+                    job.max_deliveries,
+                    None if job.interval is None else job.interval // timedelta(microseconds=1),
+                    job.series_id,
+                )
+                for job in jobs
+            ],
+        )
+
+    # -- the contract ------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> None:
+        await self._write(lambda conn: self._insert(conn, jobs))
+        self.wakeup.notify()
+
+    def _claim(self, conn: sqlite3.Connection, request: ClaimRequest) -> list[ReservedTask]:
+        now = to_micros(request.now)
+        queue_filter = ""
+        params: list[Any] = [request.kind, now]
+        if request.queues is not None:
+            queue_filter = f" AND queue IN ({', '.join('?' * len(request.queues))})"
+            params.extend(request.queues)
+        # (A clock that jumped backwards, as a test's fake clock may, also triggers it.)
+        if not self._next_rescue - RESCUE_EVERY_MICROS <= now < self._next_rescue:
+            # Leases that ran out belong to dead or stuck workers: make them claimable.
+            # Checked at most twice a second: a lease is already tens of
+            # seconds late when it expires, so checking on every claim buys nothing.
+            self._next_rescue = now + RESCUE_EVERY_MICROS
+            conn.execute(
+                "UPDATE sitq_jobs SET status = 'pending', owner = NULL"
+                " WHERE status = 'running' AND lease_expires_at <= ? AND kind = ?",
+                (now, request.kind),
+            )
+        rows = conn.execute(
+            "UPDATE sitq_jobs SET status = 'running', owner = ?, attempts = attempts + 1,"
+            " lease_expires_at = ?, started_at = ?, cancel_requested = 0"
+            " WHERE id IN (SELECT id FROM sitq_jobs WHERE status = 'pending' AND kind = ?"
+            f" AND available_at <= ?{queue_filter}"
+            f" ORDER BY priority DESC, available_at LIMIT ?) RETURNING {_RESERVED_COLUMNS}",
+            [request.owner, to_micros(request.now + request.lease), now, *params, request.limit],
+        ).fetchall()
+        overdelivered = [row[0] for row in rows if row[12] is not None and row[5] > row[12]]
+        if overdelivered:
+            conn.executemany(
+                "UPDATE sitq_jobs SET status = 'dead', owner = NULL, finished_at = ?,"
+                " attempts = attempts - 1,"
+                " error = 'delivered ' || (attempts - 1) || ' times without being finished'"
+                " WHERE id = ?",
+                [(now, job_id) for job_id in overdelivered],
+            )
+            rows = [row for row in rows if row[0] not in overdelivered]
+        claimed = [self._reserved(row) for row in rows]
+        claimed.sort(key=lambda job: (-job.priority, job.available_at))
+        return claimed
+
+    async def claim(self, request: ClaimRequest) -> list[ReservedTask]:
+        return await self._write(lambda conn: self._claim(conn, request))
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
+    ) -> LeaseReport:
+        if not ids:
+            return LeaseReport()
+        marks = ", ".join("?" * len(ids))
+
+        def work(conn: sqlite3.Connection) -> LeaseReport:
+            rows = conn.execute(
+                "UPDATE sitq_jobs SET lease_expires_at = ?"
+                f" WHERE id IN ({marks}) AND owner = ? AND status = 'running'"
+                " RETURNING id, cancel_requested",
+                [to_micros(now + lease), *ids, owner],
+            ).fetchall()
+            held = {row[0] for row in rows}
+            return LeaseReport(
+                lost=frozenset(set(ids) - held),
+                cancel_requested=frozenset(row[0] for row in rows if row[1]),
+            )
+
+        return await self._write(work)
+
+    def _finish(self, conn: sqlite3.Connection, finish: Finish) -> bool:
+        row = conn.execute(
+            "UPDATE sitq_jobs SET status = ?, owner = NULL, lease_expires_at = NULL,"
+            " finished_at = ?, result = ?, error = ?, traceback = ?"
+            " WHERE id = ? AND owner = ? AND status = 'running' RETURNING cancel_requested",
+            (
+                finish.status.value,
+                to_micros(finish.now),
+                finish.result,
+                finish.error,
+                finish.traceback,
+                finish.id,
+                finish.owner,
+            ),
+        ).fetchone()
+        if row is None:
+            return False
+        if finish.next_run is not None and not row[0]:
+            self._insert(conn, [finish.next_run])
+        return True
+
+    def _reschedule(self, conn: sqlite3.Connection, reschedule: Reschedule) -> bool:
+        row = conn.execute(
+            "UPDATE sitq_jobs SET"
+            " status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,"
+            " finished_at = CASE WHEN cancel_requested THEN ? ELSE NULL END,"
+            " available_at = ?, owner = NULL, lease_expires_at = NULL,"
+            " attempts = attempts - ?, error = coalesce(?, error),"
+            " traceback = coalesce(?, traceback)"
+            " WHERE id = ? AND owner = ? AND status = 'running' RETURNING id",
+            (
+                to_micros(reschedule.available_at),
+                to_micros(reschedule.available_at),
+                1 if reschedule.undo_attempt else 0,
+                reschedule.error,
+                reschedule.traceback,
+                reschedule.id,
+                reschedule.owner,
+            ),
+        ).fetchone()
+        return row is not None
+
+    async def finish(self, finish: Finish) -> bool:
+        done = await self._write(lambda conn: self._finish(conn, finish))
+        if done:
+            self.wakeup.notify()
+        return done
+
+    async def reschedule(self, reschedule: Reschedule) -> bool:
+        done = await self._write(lambda conn: self._reschedule(conn, reschedule))
+        if done:
+            self.wakeup.notify()
+        return done
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        def work(conn: sqlite3.Connection) -> Settled:
+            accepted = [
+                self._finish(conn, o) if isinstance(o, Finish) else self._reschedule(conn, o)
+                for o in outcomes
+            ]
+            claimed = self._claim(conn, claim) if claim is not None else []
+            return Settled(accepted, claimed)
+
+        settled = await self._write(work)
+        if outcomes:
+            self.wakeup.notify()
+        return settled
+
+    async def cancel(self, job_id: str, now: datetime) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "UPDATE sitq_jobs SET"
+                " status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,"
+                " finished_at = CASE WHEN status = 'pending' THEN ? ELSE finished_at END,"
+                " cancel_requested = 1"
+                " WHERE id = ? AND status IN ('pending', 'running') RETURNING id",
+                (to_micros(now), job_id),
+            ).fetchone()
+            return row is not None
+
+        done = await self._write(work)
+        if done:
+            self.wakeup.notify()
+        return done
+
+    async def requeue(self, job_id: str, now: datetime) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "UPDATE sitq_jobs SET status = 'pending', available_at = ?, attempts = 0,"
+                " finished_at = NULL, error = NULL, traceback = NULL, result = NULL,"
+                " cancel_requested = 0"
+                " WHERE id = ? AND status IN ('failed', 'dead', 'cancelled') RETURNING id",
+                (to_micros(now), job_id),
+            ).fetchone()
+            return row is not None
+
+        done = await self._write(work)
+        if done:
+            self.wakeup.notify()
+        return done
+
+    async def delete(self, job_id: str) -> bool:
+        return await self._write(
+            lambda conn: conn.execute("DELETE FROM sitq_jobs WHERE id = ?", (job_id,)).rowcount > 0
+        )
+
+    async def get(self, job_id: str) -> Task | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM sitq_jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        )
+        return None if row is None else self._task(row)
+
+    async def list_jobs(self, query: TaskQuery) -> list[Task]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("status", None if query.status is None else query.status.value),
+            ("queue", query.queue),
+            ("kind", query.kind),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM sitq_jobs{where}"
+                " ORDER BY enqueued_at DESC, rowid DESC LIMIT ?",
+                [*params, query.limit],
+            ).fetchall()
+        )
+        return [self._task(row) for row in rows]
+
+    async def queue_stats(self, now: datetime) -> list[QueueStats]:
+        moment = to_micros(now)
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT queue, status, count(*),"
+                " sum(status = 'pending' AND available_at > ?),"
+                " min(CASE WHEN status = 'pending' AND available_at <= ? THEN available_at END)"
+                " FROM sitq_jobs GROUP BY queue, status ORDER BY queue",
+                (moment, moment),
+            ).fetchall()
+        )
+        stats: dict[str, QueueStats] = {}
+        for queue, status, count, scheduled, oldest in rows:
+            current = stats.setdefault(queue, QueueStats(queue=queue))
+            current.counts[TaskStatus(status)] = count
+            if status == TaskStatus.PENDING.value:
+                stats[queue] = QueueStats(
+                    queue=queue,
+                    counts=current.counts,
+                    scheduled=scheduled or 0,
+                    oldest_pending_at=_maybe_time(oldest),
+                )
+        return list(stats.values())
+
+    async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
+        queue_filter = ""
+        params: list[Any] = [kind]
+        if queues is not None:
+            queue_filter = f" AND queue IN ({', '.join('?' * len(queues))})"
+            params.extend(queues)
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT min(available_at) FROM sitq_jobs"
+                f" WHERE status = 'pending' AND kind = ?{queue_filter}",
+                params,
+            ).fetchone()
+        )
+        return _maybe_time(row[0])
+
+    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+        if not statuses:
+            return 0
+        marks = ", ".join("?" * len(statuses))
+        return await self._write(
+            lambda conn: (
+                conn.execute(
+                    f"DELETE FROM sitq_jobs WHERE finished_at < ? AND status IN ({marks})",
+                    [to_micros(finished_before), *(status.value for status in statuses)],
+                ).rowcount
+            )
+        )

@@ -1,0 +1,41 @@
+"""Build a backend from a URL: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
+``memory://``, ``postgresql://user@host/db`` (needs the ``sitq[postgres]`` extra)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from sitq.backends.base import Backend
+from sitq.errors import ValidationError
+
+
+def backend_from_url(url: str) -> Backend:
+    """The backend a URL names; a clear ``ValidationError`` for anything else."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValidationError(
+            f"backend URL must look like sqlite:///path.db or postgresql://host/db, got {url!r}"
+        )
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        from sitq.backends.sqlite import SQLiteBackend
+
+        path = url[len("sqlite://") :]
+        if not path.startswith("/") or path == "/":
+            raise ValidationError(f"sqlite URL needs a path (sqlite:///file.db), got {url!r}")
+        # sqlite:///tasks.db is relative, sqlite:////var/tasks.db absolute (SQLAlchemy's rule).
+        return SQLiteBackend(path[1:])
+    if scheme == "memory":
+        from sitq.backends.memory import MemoryBackend
+
+        return MemoryBackend()
+    if scheme in {"postgres", "postgresql"}:
+        try:
+            from sitq.backends.postgres import PostgresBackend
+        except ImportError as exc:
+            raise ValidationError(
+                "PostgreSQL support is not installed: pip install 'sitq[postgres]'"
+            ) from exc
+        return PostgresBackend(url)
+    raise ValidationError(
+        f"unknown backend scheme {scheme!r} in {url!r}; use sqlite, postgresql or memory"
+    )

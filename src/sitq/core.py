@@ -1,0 +1,121 @@
+"""The plain data that flows between the public API, the worker and the backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class TaskStatus(StrEnum):
+    """Where a job is in its life.
+
+    ``pending`` covers both ready and scheduled jobs (a scheduled job is a pending job
+    whose ``available_at`` is in the future). ``failed`` after the last attempt and
+    ``dead`` (a message read more than ``max_deliveries`` times) are the dead-letter
+    states: kept, listable, and re-queueable.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in FINISHED_STATUSES
+
+
+FINISHED_STATUSES = frozenset(
+    {TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD}
+)
+
+JobKind = Literal["task", "message"]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A stored job as inspection sees it (``get_task``, ``list_tasks``)."""
+
+    id: str
+    queue: str
+    kind: JobKind
+    status: TaskStatus
+    priority: int
+    attempts: int
+    max_attempts: int
+    enqueued_at: datetime
+    available_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    interval: timedelta | None
+    series_id: str | None
+    error: str | None
+    traceback: str | None
+    result: bytes | None
+
+    @property
+    def eta(self) -> datetime:
+        """When the job is (or was) due: its ``eta``, retry time or interval slot."""
+        return self.available_at
+
+    @property
+    def max_retries(self) -> int:
+        return self.max_attempts - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ReservedTask:
+    """A job claimed by a worker or consumer: it holds the lease until it finishes."""
+
+    id: str
+    queue: str
+    kind: JobKind
+    payload: bytes
+    priority: int
+    attempts: int
+    max_attempts: int
+    available_at: datetime
+    enqueued_at: datetime
+    lease_expires_at: datetime
+    interval: timedelta | None
+    series_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of a finished task.
+
+    ``value`` is the serialized return value (use ``TaskQueue.deserialize_result``);
+    ``error`` and ``traceback`` are set when ``status`` is ``"failed"`` (or
+    ``"cancelled"`` with a reason). ``attempts`` counts every run, retries included.
+    """
+
+    task_id: str
+    status: Literal["success", "failed", "cancelled"]
+    value: bytes | None
+    error: str | None
+    traceback: str | None
+    enqueued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A JSON message handed to a :class:`~sitq.messages.Consumer`."""
+
+    id: str
+    queue: str
+    payload: Any
+    enqueued_at: datetime
+    visible_at: datetime
+    read_count: int

@@ -1,0 +1,62 @@
+"""The exception hierarchy: every error sitq raises derives from :class:`SitqError`.
+
+Driver errors (``sqlite3``, ``psycopg``) are translated at the backend boundary into
+:class:`BackendError` with the original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class SitqError(Exception):
+    """Root of every exception sitq raises."""
+
+
+class ValidationError(SitqError, ValueError):
+    """An argument given to the public API is invalid (bad ``eta``, unknown option...)."""
+
+
+class SerializationError(SitqError, ValueError):
+    """A task, its arguments or its result cannot be serialized or deserialized."""
+
+
+class BackendError(SitqError):
+    """The storage backend failed (database unreachable, locked, corrupt...)."""
+
+
+class TaskNotFoundError(SitqError, LookupError):
+    """No task or message has the given id."""
+
+
+class ResultTimeoutError(SitqError, TimeoutError):
+    """``get_result(timeout=...)`` gave up before the task finished."""
+
+
+class TaskTimeoutError(SitqError, TimeoutError):
+    """A task ran longer than its ``timeout``; recorded as the task's failure."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"task timed out after {seconds:g} s")
+        self.seconds = seconds
+
+
+class WorkerError(SitqError):
+    """The worker was used wrongly (started twice, stopped before starting...)."""
+
+
+class SyncClientError(SitqError, RuntimeError):
+    """``SyncTaskQueue`` was called from inside a running event loop."""
+
+
+class Retry(SitqError):  # noqa: N818 - reads as an instruction: raise Retry(delay=5)
+    """Raise from inside a task to ask for another attempt.
+
+    ``delay`` (seconds) overrides the backoff policy for this retry. The retry counts
+    against the task's ``max_retries`` unless the task has none left, in which case
+    the task fails with this exception.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or "task asked to be retried")
+        if delay is not None and delay < 0:
+            raise ValidationError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        self.delay = delay

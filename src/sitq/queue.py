@@ -1,0 +1,380 @@
+"""TaskQueue: the async client that enqueues tasks, waits for results and inspects jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from sitq.backends.base import Backend, NewJob, QueueStats, TaskQuery
+from sitq.clock import SYSTEM_CLOCK, Clock
+from sitq.core import FINISHED_STATUSES, Result, Task, TaskStatus
+from sitq.errors import ResultTimeoutError, ValidationError
+from sitq.scheduling import RetryPolicy, due_time, interval_from, seconds_from
+from sitq.serialization import DEFAULT_SERIALIZER, Serializer
+from sitq.task_call import TaskCall
+
+DEFAULT_QUEUE = "default"
+
+#: Keyword arguments of ``enqueue`` that are options, not the task's own arguments.
+#: A function whose parameters use these names is enqueued with ``enqueue_call``.
+RESERVED_OPTIONS = frozenset(
+    {"eta", "delay", "interval", "queue", "priority", "max_retries", "retry", "timeout"}
+)
+
+#: Finished statuses ``purge`` removes by default.
+PURGEABLE = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """Validated per-task options, resolved against the queue's defaults."""
+
+    available_at: datetime
+    interval: timedelta | None
+    queue: str
+    priority: int
+    retry: RetryPolicy
+    timeout: float | None
+
+
+class TaskQueue:
+    """Enqueue tasks and read their results.
+
+    Args:
+        backend: where jobs are stored (``SQLiteBackend``, ``MemoryBackend``...).
+        serializer: turns calls and results into bytes; cloudpickle by default.
+        default_queue: the queue ``enqueue`` uses when none is given.
+        retry: the retry policy of tasks that set none themselves.
+        queue_retry: retry policies per queue name, overriding ``retry``.
+        clock: where "now" comes from (tests pass a ``FakeClock``).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        serializer: Serializer | None = None,
+        *,
+        default_queue: str = DEFAULT_QUEUE,
+        retry: RetryPolicy | None = None,
+        queue_retry: Mapping[str, RetryPolicy] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(backend, Backend):
+            raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
+        self.backend = backend
+        self.serializer = serializer or DEFAULT_SERIALIZER
+        self.default_queue = _queue_name(default_queue)
+        self.retry_policy = retry or RetryPolicy()
+        self.queue_retry = dict(queue_retry or {})
+        self.clock = clock or SYSTEM_CLOCK
+
+    async def __aenter__(self) -> TaskQueue:
+        await self.backend.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the backend's connections."""
+        await self.backend.close()
+
+    # -- enqueueing ------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        eta: datetime | None = None,
+        delay: float | timedelta | None = None,
+        interval: timedelta | int | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        max_retries: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Store a call of ``func(*args, **kwargs)`` and return its task id.
+
+        Options (every other keyword goes to ``func``):
+            eta: aware datetime to run at (a past one runs at once).
+            delay: seconds or ``timedelta`` from now; exclusive with ``eta``.
+            interval: re-run every ``timedelta`` (or int milliseconds) from the due time.
+            queue: queue name; priority: higher runs first among due tasks.
+            max_retries / retry: how often and how late a failure is retried.
+            timeout: seconds the task may run before it is failed.
+        """
+        options = self._options(eta, delay, interval, queue, priority, max_retries, retry, timeout)
+        job = self._job(func, args, kwargs, options)
+        await self.backend.enqueue([job])
+        return job.id
+
+    async def enqueue_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        """Like ``enqueue`` with the call's arguments given explicitly, so a function
+        whose parameters are named like an option (``queue``, ``timeout``...) can
+        still receive them."""
+        job = self._job(func, args, kwargs or {}, self._resolve(options))
+        await self.backend.enqueue([job])
+        return job.id
+
+    async def enqueue_many(
+        self,
+        calls: Iterable[Callable[..., Any] | tuple[Any, ...]],
+        **options: Any,
+    ) -> list[str]:
+        """Store many calls in one transaction; the same options apply to each.
+
+        Each call is a function, ``(func, args)`` or ``(func, args, kwargs)``.
+        """
+        resolved = self._resolve(options)
+        jobs = [self._job(*_split_call(call), resolved) for call in calls]
+        if jobs:
+            await self.backend.enqueue(jobs)
+        return [job.id for job in jobs]
+
+    def _resolve(self, options: Mapping[str, Any]) -> _Options:
+        unknown = set(options) - RESERVED_OPTIONS
+        if unknown:
+            raise ValidationError(f"unknown enqueue options: {', '.join(sorted(unknown))}")
+        return self._options(
+            options.get("eta"),
+            options.get("delay"),
+            options.get("interval"),
+            options.get("queue"),
+            options.get("priority", 0),
+            options.get("max_retries"),
+            options.get("retry"),
+            options.get("timeout"),
+        )
+
+    def _options(
+        self,
+        eta: object,
+        delay: object,
+        interval: object,
+        queue: str | None,
+        priority: object,
+        max_retries: object,
+        retry: RetryPolicy | None,
+        timeout: object,
+    ) -> _Options:
+        queue_name = self.default_queue if queue is None else _queue_name(queue)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValidationError(f"priority must be an int, got {priority!r}")
+        policy = retry or self.queue_retry.get(queue_name, self.retry_policy)
+        if max_retries is not None:
+            if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+                raise ValidationError(f"max_retries must be an int, got {max_retries!r}")
+            policy = RetryPolicy(
+                max_retries, policy.backoff, policy.factor, policy.max_backoff, policy.jitter
+            )
+        seconds: float | None = None
+        if timeout is not None:
+            seconds = seconds_from(timeout, "timeout").total_seconds()
+            if seconds <= 0:
+                raise ValidationError(f"timeout must be positive, got {timeout!r}")
+        return _Options(
+            available_at=due_time(self.clock.now(), eta, delay),
+            interval=interval_from(interval),
+            queue=queue_name,
+            priority=priority,
+            retry=policy,
+            timeout=seconds,
+        )
+
+    def _job(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: _Options,
+        job_id: str | None = None,
+    ) -> NewJob:
+        if not callable(func):
+            raise ValidationError(f"a task must be callable, got {type(func).__name__}")
+        call = TaskCall(func, tuple(args), dict(kwargs), options.timeout, options.retry)
+        job_id = job_id or new_id()
+        return NewJob(
+            id=job_id,
+            queue=options.queue,
+            kind="task",
+            payload=call.dumps(self.serializer),
+            enqueued_at=self.clock.now(),
+            available_at=options.available_at,
+            priority=options.priority,
+            max_attempts=options.retry.max_attempts,
+            interval=options.interval,
+            series_id=job_id if options.interval is not None else None,
+        )
+
+    # -- results -------------------------------------------------------------------
+
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
+        """Wait until the task is finished and return its result.
+
+        Returns ``None`` at once for an unknown id. While a retry is pending the task
+        is not finished, so this keeps waiting. Raises ``ResultTimeoutError`` (a
+        ``TimeoutError``) when ``timeout`` seconds pass first.
+        """
+        if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
+            raise ValidationError(f"timeout must be a non-negative number, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        woken = self.backend.wakeup.subscribe()
+        # Other processes do not wake us; poll for their writes, backing off gently.
+        pause = 0.005
+        try:
+            while True:
+                woken.clear()
+                task = await self.backend.get(task_id)
+                if task is None:
+                    return None
+                if task.status in FINISHED_STATUSES:
+                    return _result(task)
+                wait = pause
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ResultTimeoutError(
+                            f"task {task_id} did not finish within {timeout} s "
+                            f"(status: {task.status})"
+                        )
+                    wait = min(wait, left)
+                try:
+                    await asyncio.wait_for(woken.wait(), wait)
+                except TimeoutError:
+                    pause = min(pause * 1.5, 0.2)
+        finally:
+            self.backend.wakeup.unsubscribe(woken)
+
+    def deserialize_result(self, result: Result) -> Any:
+        """The task's return value from a successful ``Result``."""
+        if result.status != "success":
+            raise ValidationError(
+                f"task {result.task_id} has no value: its status is {result.status!r}"
+            )
+        if result.value is None:
+            return None
+        return self.serializer.loads(result.value)
+
+    # -- control and inspection ------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task: pending or scheduled ones never run; a running async task is
+        cancelled cooperatively; a recurring series stops. ``False`` if the task is
+        unknown or already finished."""
+        return await self.backend.cancel(task_id, self.clock.now())
+
+    async def retry(self, task_id: str) -> bool:
+        """Re-queue a failed, dead or cancelled task with fresh attempts."""
+        return await self.backend.requeue(task_id, self.clock.now())
+
+    async def get_task(self, task_id: str) -> Task | None:
+        return await self.backend.get(task_id)
+
+    async def list_tasks(
+        self,
+        status: TaskStatus | str | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Tasks newest first, optionally filtered by status and queue."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(f"limit must be a positive int, got {limit!r}")
+        return await self.backend.list_jobs(
+            TaskQuery(status=_status(status), queue=queue, kind="task", limit=limit)
+        )
+
+    async def counts(self, queue: str | None = None) -> dict[str, int]:
+        """How many jobs are in each status (all queues, or one)."""
+        totals = {status.value: 0 for status in TaskStatus}
+        for stats in await self.backend.queue_stats(self.clock.now()):
+            if queue is None or stats.queue == queue:
+                for status, count in stats.counts.items():
+                    totals[status.value] += count
+        return totals
+
+    async def queue_stats(self) -> list[QueueStats]:
+        return await self.backend.queue_stats(self.clock.now())
+
+    async def purge(
+        self,
+        older_than: float | timedelta = 0,
+        statuses: Iterable[TaskStatus | str] = PURGEABLE,
+    ) -> int:
+        """Delete finished jobs that finished more than ``older_than`` ago."""
+        wanted = [_status(status) for status in statuses]
+        if any(status not in FINISHED_STATUSES for status in wanted):
+            raise ValidationError("purge only removes finished jobs")
+        cutoff = self.clock.now() - seconds_from(older_than, "older_than")
+        return await self.backend.purge(cutoff, [s for s in wanted if s is not None])
+
+
+def _result(task: Task) -> Result:
+    status = "success" if task.status is TaskStatus.SUCCESS else task.status.value
+    if task.status is TaskStatus.DEAD:
+        status = "failed"
+    return Result(
+        task_id=task.id,
+        status=status,  # type: ignore[arg-type]
+        value=task.result,
+        error=task.error,
+        traceback=task.traceback,
+        enqueued_at=task.enqueued_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        attempts=task.attempts,
+    )
+
+
+def _status(value: TaskStatus | str | None) -> TaskStatus | None:
+    if value is None or isinstance(value, TaskStatus):
+        return value
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        names = ", ".join(status.value for status in TaskStatus)
+        raise ValidationError(f"unknown status {value!r}; expected one of {names}") from None
+
+
+def _queue_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise ValidationError(f"queue must be a non-empty string of at most 200 chars: {name!r}")
+    return name
+
+
+def _split_call(
+    call: Callable[..., Any] | tuple[Any, ...],
+) -> tuple[Callable[..., Any], Sequence[Any], Mapping[str, Any]]:
+    if callable(call):
+        return call, (), {}
+    if isinstance(call, tuple) and 1 <= len(call) <= 3:
+        func = call[0]
+        args = call[1] if len(call) > 1 else ()
+        kwargs = call[2] if len(call) > 2 else {}
+        return func, args, kwargs
+    raise ValidationError(
+        f"each call must be a function, (func, args) or (func, args, kwargs); got {call!r}"
+    )

@@ -1,0 +1,135 @@
+"""SyncTaskQueue: the async client, driven from blocking code.
+
+One private event loop runs in a daemon thread for the life of the client; every
+method submits the matching ``TaskQueue`` coroutine to it and blocks for the answer.
+Nothing is implemented twice, and the backend's connections live on that one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sitq.backends.base import Backend, QueueStats
+from sitq.core import Result, Task, TaskStatus
+from sitq.errors import SyncClientError
+from sitq.queue import PURGEABLE, TaskQueue
+
+T = TypeVar("T")
+
+
+class SyncTaskQueue:
+    """Blocking twin of :class:`TaskQueue`: same methods, same return types.
+
+    Takes the same arguments as ``TaskQueue``. Use it as a context manager, or call
+    :meth:`close` when done. Calling it from inside a running event loop raises
+    :class:`SyncClientError` (blocking there would freeze that loop): use
+    ``TaskQueue`` in async code.
+    """
+
+    def __init__(self, backend: Backend, *args: Any, **kwargs: Any) -> None:
+        self._queue = TaskQueue(backend, *args, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sitq-sync-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._call(self._queue.backend.open)
+
+    def _call(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise SyncClientError("this SyncTaskQueue is closed")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise SyncClientError(
+                "SyncTaskQueue was called from inside a running event loop, where blocking "
+                "would freeze it; use `await TaskQueue(...)` methods there instead"
+            )
+        future = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self._loop)
+        return future.result()
+
+    def __enter__(self) -> SyncTaskQueue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the backend's connections and stop the private loop. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._call(self._queue.close)
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    @property
+    def queue(self) -> TaskQueue:
+        """The async client underneath."""
+        return self._queue
+
+    def enqueue(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        return self._call(self._queue.enqueue, func, *args, **kwargs)
+
+    def enqueue_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        return self._call(self._queue.enqueue_call, func, args, kwargs, **options)
+
+    def enqueue_many(
+        self, calls: Iterable[Callable[..., Any] | tuple[Any, ...]], **options: Any
+    ) -> list[str]:
+        return self._call(self._queue.enqueue_many, list(calls), **options)
+
+    def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
+        return self._call(self._queue.get_result, task_id, timeout)
+
+    def deserialize_result(self, result: Result) -> Any:
+        return self._queue.deserialize_result(result)
+
+    def cancel(self, task_id: str) -> bool:
+        return self._call(self._queue.cancel, task_id)
+
+    def retry(self, task_id: str) -> bool:
+        return self._call(self._queue.retry, task_id)
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._call(self._queue.get_task, task_id)
+
+    def list_tasks(
+        self, status: TaskStatus | str | None = None, queue: str | None = None, limit: int = 100
+    ) -> list[Task]:
+        return self._call(self._queue.list_tasks, status, queue, limit)
+
+    def counts(self, queue: str | None = None) -> dict[str, int]:
+        return self._call(self._queue.counts, queue)
+
+    def queue_stats(self) -> list[QueueStats]:
+        return self._call(self._queue.queue_stats)
+
+    def purge(
+        self,
+        older_than: float | timedelta = 0,
+        statuses: Iterable[TaskStatus | str] = PURGEABLE,
+    ) -> int:
+        return self._call(self._queue.purge, older_than, list(statuses))

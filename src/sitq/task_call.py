@@ -1,0 +1,62 @@
+"""What a task's payload holds: the call, plus the options the worker needs to run it.
+
+The envelope is a plain dict so that payloads written by one sitq version stay
+readable by the next (unknown keys are ignored, missing ones take defaults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sitq.errors import SerializationError
+from sitq.scheduling import RetryPolicy
+from sitq.serialization import Serializer
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCall:
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout: float | None
+    retry: RetryPolicy
+
+    def dumps(self, serializer: Serializer) -> bytes:
+        envelope = {
+            "func": self.func,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "timeout": self.timeout,
+            "retry": (
+                self.retry.max_retries,
+                self.retry.backoff,
+                self.retry.factor,
+                self.retry.max_backoff,
+                self.retry.jitter,
+            ),
+        }
+        try:
+            return serializer.dumps(envelope)
+        except SerializationError as exc:
+            raise SerializationError(
+                f"cannot enqueue {_name(self.func)}: its function or arguments cannot be "
+                f"serialized ({exc}); nothing was stored"
+            ) from exc
+
+    @classmethod
+    def loads(cls, data: bytes, serializer: Serializer) -> TaskCall:
+        envelope = serializer.loads(data)
+        max_retries, backoff, factor, max_backoff, jitter = envelope["retry"]
+        return cls(
+            func=envelope["func"],
+            args=tuple(envelope["args"]),
+            kwargs=dict(envelope["kwargs"]),
+            timeout=envelope.get("timeout"),
+            retry=RetryPolicy(max_retries, backoff, factor, max_backoff, jitter),
+        )
+
+
+def _name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)

@@ -1,0 +1,478 @@
+"""Worker: claims due tasks, runs them, records outcomes, keeps its leases alive.
+
+Async functions run on the worker's event loop; sync functions run in a thread pool
+of ``max_concurrency`` threads. The worker never holds more claimed tasks than it has
+free slots, so a crash can only ever re-run the tasks that were actually running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Outcome, Reschedule
+from sitq.clock import SYSTEM_CLOCK, Clock
+from sitq.core import FINISHED_STATUSES, ReservedTask, TaskStatus
+from sitq.errors import (
+    Retry,
+    SerializationError,
+    TaskTimeoutError,
+    ValidationError,
+    WorkerError,
+)
+from sitq.queue import new_id
+from sitq.scheduling import next_interval_run, seconds_from
+from sitq.serialization import DEFAULT_SERIALIZER, Serializer
+from sitq.task_call import TaskCall
+
+logger = logging.getLogger("sitq.worker")
+
+#: How often a worker prunes finished jobs older than its ``retention``.
+PRUNE_EVERY = timedelta(minutes=1)
+
+
+@dataclass(eq=False)
+class _Running:
+    reserved: ReservedTask
+    future: asyncio.Task[None] | None = None
+    is_async: bool = False
+    cancel_requested: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs tasks from a backend.
+
+    Args:
+        backend: the storage to take tasks from.
+        serializer: must match the one the tasks were enqueued with.
+        max_concurrency: how many tasks run at once (and how many may be claimed).
+        poll_interval: the longest an idle worker sleeps before looking again for work
+            written by other processes. Due times it knows of and work enqueued in this
+            process wake it sooner.
+        visibility_timeout: seconds a claim lasts; renewed while the task runs. A
+            crashed worker's tasks run again once their lease expires.
+        queues: names of the queues to serve (all queues when omitted).
+        retention: how long finished tasks and their results are kept (``None``
+            keeps them forever).
+        clock: where "now" comes from (tests pass a ``FakeClock``).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        serializer: Serializer | None = None,
+        max_concurrency: int = 1,
+        poll_interval: float = 1.0,
+        visibility_timeout: float = 30.0,
+        *,
+        queues: list[str] | tuple[str, ...] | None = None,
+        retention: float | timedelta | None = timedelta(days=7),
+        clock: Clock | None = None,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise ValidationError(f"max_concurrency must be an int, got {max_concurrency!r}")
+        if max_concurrency < 1:
+            raise ValidationError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if seconds_from(poll_interval, "poll_interval") <= timedelta(0):
+            raise ValidationError(f"poll_interval must be positive, got {poll_interval!r}")
+        lease = seconds_from(visibility_timeout, "visibility_timeout")
+        if lease < timedelta(milliseconds=100):
+            raise ValidationError("visibility_timeout must be at least 0.1 seconds")
+        if queues is not None and (isinstance(queues, str) or not queues):
+            raise ValidationError("queues must be a non-empty list of queue names")
+        self.backend = backend
+        self.serializer = serializer or DEFAULT_SERIALIZER
+        self.max_concurrency = max_concurrency
+        self.poll_interval = float(poll_interval)
+        self.lease = lease
+        self.queues = tuple(queues) if queues is not None else None
+        self.retention = None if retention is None else seconds_from(retention, "retention")
+        self.clock = clock or SYSTEM_CLOCK
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Renew leases well before they run out, and often enough to see cancellations.
+        self.heartbeat_interval = max(0.05, min(lease.total_seconds() / 3, self.poll_interval))
+        self._running: dict[str, _Running] = {}
+        self._outcomes: list[tuple[Outcome, _Running]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+        self._main: asyncio.Task[int] | None = None
+        self._last_prune = 0.0
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start working in the background of the running loop and return at once."""
+        if self._main is not None and not self._main.done():
+            raise WorkerError("worker is already running")
+        await self.backend.open()
+        self._prepare()
+        self._main = asyncio.create_task(self._serve(burst=False), name=f"sitq-{self.name}")
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, let running tasks finish, and return.
+
+        With ``timeout``, tasks still running after that many seconds are cancelled
+        (async ones) or abandoned (sync ones) and handed back to the queue so another
+        worker runs them: their leases are released, not left to expire.
+        """
+        main = self._main
+        if main is None:
+            return
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if timeout is not None:
+            done, _ = await asyncio.wait({main}, timeout=timeout)
+            if not done:
+                await self._hand_back_running()
+        try:
+            await main
+        finally:
+            self._main = None
+
+    async def serve(self, burst: bool = False) -> int:
+        """Work in the current task until :meth:`stop` (or, with ``burst``, until no
+        due task is left). Returns how many tasks this call processed."""
+        await self.backend.open()
+        self._prepare()
+        return await self._serve(burst)
+
+    def run(self, burst: bool = False) -> int:
+        """Block, working until SIGINT or SIGTERM (or, with ``burst``, until no due task
+        is left). The first signal stops claiming and lets running tasks finish."""
+        return asyncio.run(self._run_with_signals(burst))
+
+    async def _run_with_signals(self, burst: bool) -> int:
+        loop = asyncio.get_running_loop()
+        serving = asyncio.ensure_future(self.serve(burst))
+        self._main = serving
+
+        def first_signal() -> None:
+            self._stopping = True
+            if self._wake is not None:
+                self._wake.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, first_signal)
+        try:
+            return await serving
+        finally:
+            self._main = None
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signum)
+
+    def _prepare(self) -> None:
+        self._stopping = False
+        self._wake = self.backend.wakeup.subscribe()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.max_concurrency, thread_name_prefix="sitq-task"
+            )
+
+    async def _serve(self, burst: bool) -> int:
+        wake = self._wake
+        assert wake is not None
+        heartbeat = asyncio.create_task(self._heartbeat())
+        processed_before = self.processed
+        try:
+            while not self._stopping:
+                free = self.max_concurrency - len(self._running)
+                if free <= 0 and not self._outcomes:
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                wake.clear()
+                claim = None
+                if free > 0:
+                    claim = ClaimRequest(
+                        self.name, "task", free, self.lease, self.clock.now(), self.queues
+                    )
+                settled_any = bool(self._outcomes)
+                claimed = await self._settle(claim)
+                if claimed is None:  # storage failed; _settle logged it
+                    await self._idle(wake)
+                    continue
+                for reserved in claimed:
+                    self._launch(reserved)
+                if claimed or settled_any:
+                    continue
+                if burst and not self._running:
+                    break
+                await self._prune_if_due()
+                await self._idle(wake)
+            while self._running or self._outcomes:
+                if self._outcomes:
+                    await self._settle(None)
+                    continue
+                wake.clear()
+                await wake.wait()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self.backend.wakeup.unsubscribe(wake)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+        return self.processed - processed_before
+
+    async def _settle(self, claim: ClaimRequest | None) -> list[ReservedTask] | None:
+        """Record finished tasks' outcomes and claim more, in one backend round trip."""
+        outcomes, self._outcomes = self._outcomes, []
+        try:
+            settled = await self.backend.settle([outcome for outcome, _ in outcomes], claim)
+        except Exception:
+            logger.exception("could not record outcomes or claim tasks; will try again")
+            self._outcomes[:0] = outcomes
+            if claim is None:
+                await asyncio.sleep(self.poll_interval)
+            return None
+        for (outcome, running), accepted in zip(outcomes, settled.accepted, strict=True):
+            self._log_outcome(running, outcome, accepted)
+        return settled.claimed
+
+    async def _idle(self, wake: asyncio.Event) -> None:
+        """Sleep until the poll interval, the next known due time or a wake-up."""
+        now = self.clock.now()
+        deadline = now + timedelta(seconds=self.poll_interval)
+        if not self._running:
+            next_due = await self.backend.next_due("task", self.queues)
+            if next_due is not None and next_due < deadline:
+                # A due job we could not claim (another worker took it) must not spin us.
+                deadline = max(next_due, now + timedelta(milliseconds=1))
+        await self.clock.sleep_until(deadline, wake)
+
+    async def _prune_if_due(self) -> None:
+        if self.retention is None:
+            return
+        moment = time.monotonic()
+        if moment - self._last_prune < PRUNE_EVERY.total_seconds():
+            return
+        self._last_prune = moment
+        removed = await self.backend.purge(
+            self.clock.now() - self.retention,
+            [status for status in TaskStatus if status in FINISHED_STATUSES],
+        )
+        if removed:
+            logger.info("pruned %d finished jobs older than %s", removed, self.retention)
+
+    # -- running one task --------------------------------------------------------------
+
+    def _launch(self, reserved: ReservedTask) -> None:
+        running = _Running(reserved)
+        self._running[reserved.id] = running
+        running.future = asyncio.create_task(self._execute(running))
+
+    async def _execute(self, running: _Running) -> None:
+        reserved = running.reserved
+        try:
+            try:
+                call = TaskCall.loads(reserved.payload, self.serializer)
+            except (SerializationError, KeyError, TypeError, ValueError) as exc:
+                self._fail(running, None, exc, final=True)
+                return
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "task started id=%s queue=%s attempt=%d",
+                    reserved.id,
+                    reserved.queue,
+                    reserved.attempts,
+                )
+            try:
+                value = await self._invoke(running, call)
+            except asyncio.CancelledError:
+                if not running.cancel_requested:
+                    raise
+                self._finish(running, TaskStatus.CANCELLED, error="cancelled while running")
+            except Retry as exc:
+                self._fail(running, call, exc, delay=exc.delay)
+            except Exception as exc:
+                self._fail(running, call, exc)
+            else:
+                try:
+                    result = self.serializer.dumps(value)
+                except SerializationError as exc:
+                    self._fail(running, call, exc, final=True)
+                else:
+                    self._finish(running, TaskStatus.SUCCESS, result=result)
+        finally:
+            self._running.pop(reserved.id, None)
+            self.processed += 1
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _invoke(self, running: _Running, call: TaskCall) -> Any:
+        func = call.func
+        if inspect.iscoroutinefunction(func):
+            running.is_async = True
+            awaitable: Awaitable[Any] = func(*call.args, **call.kwargs)
+        else:
+            assert self._executor is not None
+            context = contextvars.copy_context()
+            bound = functools.partial(func, *call.args, **call.kwargs)
+            awaitable = asyncio.get_running_loop().run_in_executor(
+                self._executor, context.run, bound
+            )
+        if call.timeout is None:
+            value = await awaitable
+        else:
+            try:
+                async with asyncio.timeout(call.timeout) as scope:
+                    value = await awaitable
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                if not running.is_async:
+                    self._replace_executor()
+                raise TaskTimeoutError(call.timeout) from None
+        if inspect.isawaitable(value):  # a sync function that returned a coroutine
+            running.is_async = True
+            value = await value
+        return value
+
+    def _replace_executor(self) -> None:
+        """A timed-out sync task keeps its thread; give later tasks a fresh pool."""
+        old = self._executor
+        self._executor = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="sitq-task")
+        if old is not None:
+            old.shutdown(wait=False)
+
+    def _fail(
+        self,
+        running: _Running,
+        call: TaskCall | None,
+        exc: BaseException,
+        *,
+        final: bool = False,
+        delay: float | None = None,
+    ) -> None:
+        """Retry the task if it has attempts left, else record the failure."""
+        reserved = running.reserved
+        error = f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(exc))
+        if final or call is None or reserved.attempts >= reserved.max_attempts:
+            self._finish(running, TaskStatus.FAILED, error=error, trace=trace)
+            return
+        wait = call.retry.delay_for(reserved.attempts) if delay is None else delay
+        retry_at = self.clock.now() + timedelta(seconds=wait)
+        self._outcomes.append(
+            (Reschedule(reserved.id, self.name, retry_at, error=error, traceback=trace), running)
+        )
+
+    def _finish(
+        self,
+        running: _Running,
+        status: TaskStatus,
+        *,
+        result: bytes | None = None,
+        error: str | None = None,
+        trace: str | None = None,
+    ) -> None:
+        """Queue the final outcome (and a recurring task's next run) for recording."""
+        reserved = running.reserved
+        now = self.clock.now()
+        next_run = None
+        if reserved.interval is not None and status is not TaskStatus.CANCELLED:
+            next_run = NewJob(
+                id=new_id(),
+                queue=reserved.queue,
+                kind=reserved.kind,
+                payload=reserved.payload,
+                enqueued_at=now,
+                available_at=next_interval_run(reserved.available_at, reserved.interval, now),
+                priority=reserved.priority,
+                max_attempts=reserved.max_attempts,
+                interval=reserved.interval,
+                series_id=reserved.series_id,
+            )
+        finish = Finish(
+            reserved.id,
+            self.name,
+            status,
+            now,
+            result=result,
+            error=error,
+            traceback=trace,
+            next_run=next_run,
+        )
+        self._outcomes.append((finish, running))
+
+    def _log_outcome(self, running: _Running, outcome: Outcome, accepted: bool) -> None:
+        reserved = running.reserved
+        if isinstance(outcome, Finish):
+            event, detail = outcome.status.value, outcome.error or ""
+        else:
+            event, detail = "retry", f"at {outcome.available_at.isoformat()}: {outcome.error}"
+        if not accepted:
+            logger.warning(
+                "task %s id=%s but its lease was taken over by another worker; "
+                "this outcome was discarded",
+                event,
+                reserved.id,
+            )
+            return
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "task %s id=%s queue=%s attempt=%d duration=%.3fs %s",
+                event,
+                reserved.id,
+                reserved.queue,
+                reserved.attempts,
+                time.monotonic() - running.started,
+                detail,
+            )
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if not self._running:
+                continue
+            try:
+                report = await self.backend.extend_leases(
+                    self.name, list(self._running), self.lease, self.clock.now()
+                )
+            except Exception:
+                logger.exception("could not renew leases; will try again")
+                continue
+            for job_id in report.lost:
+                logger.warning("lost the lease of task %s to another worker", job_id)
+            for job_id in report.cancel_requested:
+                running = self._running.get(job_id)
+                if running is not None and running.is_async and not running.cancel_requested:
+                    running.cancel_requested = True
+                    assert running.future is not None
+                    running.future.cancel()
+
+    async def _hand_back_running(self) -> None:
+        """Cancel what still runs after the stop grace period and release its leases."""
+        for running in list(self._running.values()):
+            reserved = running.reserved
+            if running.future is not None:
+                running.future.cancel()
+            await self.backend.reschedule(
+                Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
+            )
+            logger.warning("handed back task %s unfinished at shutdown", reserved.id)
