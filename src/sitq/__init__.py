@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sitq.backends.base import Backend
 from sitq.backends.memory import MemoryBackend
 from sitq.backends.sqlite import SQLiteBackend
@@ -19,21 +21,41 @@ from sitq.errors import (
     ValidationError,
     WorkerError,
 )
+from sitq.messages import Consumer, LeaseLostError, Producer
+from sitq.metrics import QueueMetrics
 from sitq.queue import TaskQueue
 from sitq.scheduling import RetryPolicy
 from sitq.serialization import CloudpickleSerializer, JsonSerializer, Serializer
 from sitq.sync import SyncTaskQueue
 from sitq.worker import Worker
 
+if TYPE_CHECKING:
+    from sitq.backends.postgres import PostgresBackend
+
+
+def __getattr__(name: str) -> object:
+    # PostgresBackend needs psycopg (the `postgres` extra): import it only when asked.
+    if name == "PostgresBackend":
+        from sitq.backends.postgres import PostgresBackend
+
+        return PostgresBackend
+    raise AttributeError(f"module 'sitq' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "BackendError",
     "Clock",
     "CloudpickleSerializer",
+    "Consumer",
     "FakeClock",
     "JsonSerializer",
+    "LeaseLostError",
     "MemoryBackend",
     "Message",
+    "PostgresBackend",
+    "Producer",
+    "QueueMetrics",
     "ReservedTask",
     "Result",
     "ResultTimeoutError",

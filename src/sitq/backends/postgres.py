@@ -1,0 +1,591 @@
+"""PostgresBackend: one database shared by any number of workers on any number of hosts.
+
+How it works: jobs live in one table in a schema of their own (``sitq`` unless told
+otherwise), created and upgraded by versioned migrations under an advisory lock, so
+many processes may start at once. A claim is one ``UPDATE`` over a ``FOR UPDATE SKIP
+LOCKED`` selection, so concurrent workers never wait for each other nor take the
+same job; jobs whose lease ran out are part of that selection, so no separate rescuer
+is needed. Every write that makes work available (or finishes a job) sends a
+``NOTIFY`` on a channel named after the schema; each backend object keeps one
+listening connection that wakes its workers and ``get_result`` waiters at once,
+whatever process or host wrote. Polling stays the fallback.
+
+What it cannot do:
+
+* Use the database clock: every time comes from the caller, so hosts whose clocks
+  disagree see due times and lease expiry shifted by the difference (run NTP).
+* Deliver a ``NOTIFY`` sent while the listening connection was down; the listener
+  wakes its workers once when it reconnects, and polling covers the rest.
+* Run behind a transaction-mode connection pooler (PgBouncer): LISTEN needs a session,
+  and statements are prepared. Point ``dsn`` at PostgreSQL or a session-mode pooler.
+* Share connections between event loops: each loop that uses the object (a
+  ``SyncTaskQueue``'s thread, a ``Worker.run``) gets its own pool and listener.
+* Know whether a transaction committed when the connection dies during ``COMMIT``;
+  the retry that follows may then report a job as no longer held (its outcome was in
+  fact stored) or, for ``enqueue``, report duplicate ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from sitq.backends.base import (
+    Backend,
+    ClaimRequest,
+    Finish,
+    LeaseReport,
+    NewJob,
+    Outcome,
+    QueueStats,
+    Reschedule,
+    Settled,
+    TaskQuery,
+)
+from sitq.backends.postgres_listen import listen
+from sitq.backends.postgres_sql import (
+    SCHEMA_NAME,
+    Statements,
+    claim_order,
+    micros,
+    reserved_from_row,
+    task_from_row,
+    utc,
+)
+from sitq.core import JobKind, ReservedTask, Task, TaskStatus
+from sitq.errors import BackendError, ValidationError
+
+__all__ = ["PostgresBackend"]
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+Cursor = psycopg.AsyncCursor[Any]
+
+#: Transient conflicts (deadlock, serialization) are retried this many times.
+CONFLICT_RETRIES = 5
+_MIGRATION_LOCK_NAMESPACE = "sitq.migrate."
+
+
+@dataclass(eq=False)
+class _LoopState:
+    """The connections one event loop uses."""
+
+    pool: AsyncConnectionPool[Conn]
+    listening: asyncio.Event
+    listener: asyncio.Task[None] | None = None
+
+
+def _split_schema(dsn: str) -> tuple[str, str | None]:
+    """Take a ``schema=`` query parameter out of a URL DSN (libpq would reject it)."""
+    if "://" not in dsn:
+        return dsn, None
+    parts = urlsplit(dsn)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((value for key, value in pairs if key == "schema"), None)
+    if schema is None:
+        return dsn, None
+    query = urlencode([(key, value) for key, value in pairs if key != "schema"])
+    return urlunsplit(parts._replace(query=query)), schema
+
+
+class PostgresBackend(Backend):
+    """Jobs in a PostgreSQL schema, shared by workers on any number of hosts.
+
+    Args:
+        dsn: a libpq connection string or URL (``postgresql://user@host/db``). A URL may
+            carry ``?schema=name``.
+        schema: the schema holding sitq's tables (created if missing). Different
+            schemas are independent queue systems in one database.
+        min_size, max_size: bounds of the connection pool.
+        connect_timeout: seconds to wait for the first connection in :meth:`open`.
+    """
+
+    pushes_wakeups = True
+    multi_process = True
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: str | None = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        dsn, url_schema = _split_schema(dsn)
+        name = schema if schema is not None else (url_schema or "sitq")
+        if not SCHEMA_NAME.match(name):
+            raise ValidationError(
+                f"schema must be a plain identifier (letters, digits, _), got {name!r}"
+            )
+        if min_size < 0 or max_size < max(1, min_size):
+            raise ValidationError(f"bad pool size: min_size={min_size}, max_size={max_size}")
+        self.dsn = dsn
+        self.schema = name
+        self.channel = name
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self._sql = Statements.for_schema(name)
+        # One pool and one listener per event loop: asyncio connections belong to the
+        # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
+        # (asyncio.run) may share this object.
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._open_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self._loops_lock = threading.Lock()
+        self._opened = False
+        self._migrated = False
+        # Marks our own NOTIFYs so our listener can skip them (see postgres_listen).
+        self._token = uuid.uuid4().hex
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (in the running event loop), migrate the schema and start listening.
+
+        Idempotent; may be called from several event loops, each getting its own pool.
+        """
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            for stale in [other for other in self._loops if other.is_closed()]:
+                # That loop is gone and its sockets with it: nothing left to close.
+                del self._loops[stale]
+                self._open_locks.pop(stale, None)
+            # A worker and a client sharing this object may open it at the same moment.
+            lock = self._open_locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            if loop in self._loops:
+                return
+            await self._open(loop)
+        self._opened = True
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self.dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            kwargs={"autocommit": True},
+            open=False,
+            name=f"sitq-{self.schema}",
+        )
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await pool.close()
+            raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
+        listening = asyncio.Event()
+        state = _LoopState(pool, listening)
+        with self._loops_lock:
+            self._loops[loop] = state
+        try:
+            if not self._migrated:
+                await self.migrate()
+                self._migrated = True
+        except BaseException:
+            await self.close()
+            raise
+        state.listener = asyncio.create_task(
+            self._listen(loop, state), name=f"sitq-listen-{self.schema}"
+        )
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, state: _LoopState) -> None:
+        try:
+            await listen(
+                self.dsn,
+                self.channel,
+                self.wakeup,
+                state.listening,
+                self.connect_timeout,
+                self._token,
+            )
+        finally:
+            # Cancelled by the loop shutting down (the end of ``asyncio.run`` in
+            # ``Worker.run``) rather than by close(): close the pool while we still can.
+            with self._loops_lock:
+                abandoned = self._loops.get(loop) is state
+                if abandoned:
+                    del self._loops[loop]
+                    self._open_locks.pop(loop, None)
+            if abandoned:
+                with contextlib.suppress(Exception):
+                    await state.pool.close()
+
+    async def close(self) -> None:
+        """Close this event loop's pool and listener. The backend may be opened again."""
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            state = self._loops.pop(loop, None)
+            self._open_locks.pop(loop, None)
+            for stale in [other for other in self._loops if other.is_closed()]:
+                del self._loops[stale]
+            self._opened = bool(self._loops)
+        if state is None:
+            return
+        if state.listener is not None:
+            state.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.listener
+        await state.pool.close()
+
+    async def wait_listening(self, timeout: float = 10.0) -> None:
+        """Return once this loop's listener is subscribed (for tests, and callers that
+        must not miss the next notification)."""
+        state = await self._state()
+        try:
+            await asyncio.wait_for(state.listening.wait(), timeout)
+        except TimeoutError as exc:
+            raise BackendError("the LISTEN connection did not come up") from exc
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; safe to run from many processes at once.
+
+        Returns how many migrations this call applied (0 when already current).
+        """
+
+        async def work(conn: Conn) -> int:
+            # Serialises concurrent migrators (CREATE SCHEMA IF NOT EXISTS alone races);
+            # the lock is released at commit.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (_MIGRATION_LOCK_NAMESPACE + self.schema,),
+            )
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
+            await conn.execute(self._sql.migration_table)
+            cursor = await conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
+            )
+            row = await cursor.fetchone()
+            current = int(row[0]) if row else 0
+            pending = self._sql.migrations[current:]
+            for number, script in enumerate(pending, start=current + 1):
+                await conn.execute(script)
+                await conn.execute(
+                    f"INSERT INTO {self._sql.schema}.sitq_migrations (version) VALUES (%s)",
+                    (number,),
+                )
+            return len(pending)
+
+        return await self._transaction(work)
+
+    # -- connections, transactions, errors ------------------------------------------------
+
+    async def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is not None:
+            return state
+        if not self._opened:
+            raise BackendError("PostgresBackend is not open: await backend.open() first")
+        # Opened, but from another event loop (a sync client's thread, say): connect here.
+        await self.open()
+        return self._loops[loop]
+
+    async def _run(self, work: Callable[[Conn], Awaitable[T]], transaction: bool) -> T:
+        """Run ``work`` on a pooled connection, in a transaction if asked.
+
+        A connection that died (server restart, ``pg_terminate_backend``) is replaced
+        and the work retried once; deadlocks and serialization failures, which roll
+        the whole transaction back, are retried a few times. Anything else becomes a
+        :class:`BackendError`.
+        """
+        pool = (await self._state()).pool
+        reconnected = False
+        conflicts = 0
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    if not transaction:
+                        return await work(conn)
+                    async with conn.transaction():
+                        return await work(conn)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                conflicts += 1
+                if conflicts > CONFLICT_RETRIES:
+                    raise BackendError(f"PostgreSQL error: {exc}") from exc
+                await asyncio.sleep(random.uniform(0.001, 0.01) * conflicts)
+            except psycopg.OperationalError as exc:
+                if reconnected:
+                    raise BackendError(f"PostgreSQL connection failed: {exc}") from exc
+                reconnected = True
+                # The pool's idle connections probably died together (a restart):
+                # have it test and replace them all, not hand us the next dead one.
+                with contextlib.suppress(Exception):
+                    await pool.check()
+            except psycopg.Error as exc:
+                raise BackendError(f"PostgreSQL error: {exc}") from exc
+
+    async def _transaction(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        return await self._run(work, transaction=True)
+
+    async def _read(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        return await self._run(work, transaction=False)
+
+    async def _notify(self, conn: Conn) -> None:
+        # Delivered at commit, so listeners never look before the write is visible.
+        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._token))
+
+    async def _insert(self, conn: Conn, jobs: Sequence[NewJob]) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                self._sql.insert,
+                [
+                    (
+                        job.id,
+                        job.queue,
+                        job.kind,
+                        job.priority,
+                        job.payload,
+                        job.enqueued_at,
+                        job.available_at,
+                        job.max_attempts,
+                        job.max_deliveries,
+                        micros(job.interval),
+                        job.series_id,
+                    )
+                    for job in jobs
+                ],
+            )
+
+    # -- the contract ----------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> None:
+        if not jobs:
+            return
+
+        async def work(conn: Conn) -> None:
+            await self._insert(conn, jobs)
+            await self._notify(conn)
+
+        await self._transaction(work)
+        self.wakeup.notify()
+
+    async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
+        if request.limit <= 0:
+            return None
+        params: dict[str, Any] = {
+            "kind": request.kind,
+            "now": request.now,
+            "limit": request.limit,
+            "owner": request.owner,
+            "lease_expires_at": request.now + request.lease,
+        }
+        if request.queues is None:
+            statement = self._sql.claim_all
+        else:
+            statement = self._sql.claim_queues
+            params["queues"] = list(request.queues)
+        return await conn.execute(statement, params)
+
+    async def _claimed(self, cursor: Cursor | None) -> list[ReservedTask]:
+        if cursor is None:
+            return []
+        # Jobs that turned 'dead' (read too many times) come back too; hand out the rest.
+        rows = [row for row in await cursor.fetchall() if row[12] == "running"]
+        return [reserved_from_row(row) for row in sorted(rows, key=claim_order)]
+
+    async def claim(self, request: ClaimRequest) -> list[ReservedTask]:
+        async def work(conn: Conn) -> list[ReservedTask]:
+            return await self._claimed(await self._send_claim(conn, request))
+
+        return await self._transaction(work)
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
+    ) -> LeaseReport:
+        if not ids:
+            return LeaseReport()
+
+        async def work(conn: Conn) -> list[Any]:
+            cursor = await conn.execute(
+                self._sql.extend,
+                {"lease_expires_at": now + lease, "ids": list(ids), "owner": owner},
+            )
+            return await cursor.fetchall()
+
+        rows = await self._transaction(work)
+        held = {row[0] for row in rows}
+        return LeaseReport(
+            lost=frozenset(set(ids) - held),
+            cancel_requested=frozenset(row[0] for row in rows if row[1]),
+        )
+
+    async def _send_outcome(self, conn: Conn, outcome: Outcome) -> Cursor:
+        if isinstance(outcome, Finish):
+            return await conn.execute(
+                self._sql.finish,
+                {
+                    "status": outcome.status.value,
+                    "now": outcome.now,
+                    "result": outcome.result,
+                    "error": outcome.error,
+                    "traceback": outcome.traceback,
+                    "id": outcome.id,
+                    "owner": outcome.owner,
+                },
+            )
+        return await conn.execute(
+            self._sql.reschedule,
+            {
+                "at": outcome.available_at,
+                "undo": 1 if outcome.undo_attempt else 0,
+                "error": outcome.error,
+                "traceback": outcome.traceback,
+                "id": outcome.id,
+                "owner": outcome.owner,
+            },
+        )
+
+    async def finish(self, finish: Finish) -> bool:
+        return (await self.settle([finish], None)).accepted[0]
+
+    async def reschedule(self, reschedule: Reschedule) -> bool:
+        return (await self.settle([reschedule], None)).accepted[0]
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        # Rows are updated in id order so two transactions touching the same jobs
+        # (this settle and the same worker's heartbeat) cannot deadlock.
+        order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
+
+        async def work(conn: Conn) -> Settled:
+            # Pipelined: every statement is sent before any answer is read, so the
+            # whole turn (outcomes, NOTIFY, claim) costs one round trip, plus one more
+            # when a recurring task's next run must be inserted.
+            async with conn.pipeline():
+                sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
+                if outcomes:
+                    await self._notify(conn)
+                claim_cursor = None if claim is None else await self._send_claim(conn, claim)
+                accepted = [False] * len(outcomes)
+                next_runs: list[NewJob] = []
+                for index, cursor in zip(order, sent, strict=True):
+                    row = await cursor.fetchone()
+                    accepted[index] = row is not None
+                    outcome = outcomes[index]
+                    # A cancelled series stops: no next run.
+                    if row is not None and isinstance(outcome, Finish) and not row[0]:
+                        if outcome.next_run is not None:
+                            next_runs.append(outcome.next_run)
+                claimed = await self._claimed(claim_cursor)
+                if next_runs:
+                    await self._insert(conn, next_runs)
+            return Settled(accepted, claimed)
+
+        settled = await self._transaction(work)
+        if any(settled.accepted):
+            self.wakeup.notify()
+        return settled
+
+    async def _update_one(self, statement: str, params: dict[str, Any]) -> bool:
+        async def work(conn: Conn) -> bool:
+            cursor = await conn.execute(statement, params)
+            done = await cursor.fetchone() is not None
+            if done:
+                await self._notify(conn)
+            return done
+
+        done = await self._transaction(work)
+        if done:
+            self.wakeup.notify()
+        return done
+
+    async def cancel(self, job_id: str, now: datetime) -> bool:
+        return await self._update_one(self._sql.cancel, {"id": job_id, "now": now})
+
+    async def requeue(self, job_id: str, now: datetime) -> bool:
+        return await self._update_one(self._sql.requeue, {"id": job_id, "now": now})
+
+    async def delete(self, job_id: str) -> bool:
+        async def work(conn: Conn) -> bool:
+            cursor = await conn.execute(self._sql.delete, {"id": job_id})
+            return cursor.rowcount > 0
+
+        return await self._read(work)
+
+    async def get(self, job_id: str) -> Task | None:
+        async def work(conn: Conn) -> Any:
+            cursor = await conn.execute(self._sql.get, {"id": job_id})
+            return await cursor.fetchone()
+
+        row = await self._read(work)
+        return None if row is None else task_from_row(row)
+
+    async def list_jobs(self, query: TaskQuery) -> list[Task]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {"limit": query.limit}
+        for column, value in (
+            ("status", None if query.status is None else query.status.value),
+            ("queue", query.queue),
+            ("kind", query.kind),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = %({column})s")
+                params[column] = value
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        statement = (
+            f"{self._sql.list_prefix}{where} ORDER BY enqueued_at DESC, seq DESC LIMIT %(limit)s"
+        )
+
+        async def work(conn: Conn) -> list[Any]:
+            cursor = await conn.execute(statement, params)
+            return await cursor.fetchall()
+
+        return [task_from_row(row) for row in await self._read(work)]
+
+    async def queue_stats(self, now: datetime) -> list[QueueStats]:
+        async def work(conn: Conn) -> list[Any]:
+            cursor = await conn.execute(self._sql.queue_stats, {"now": now})
+            return await cursor.fetchall()
+
+        stats: dict[str, QueueStats] = {}
+        for queue, status, count, scheduled, oldest in await self._read(work):
+            current = stats.setdefault(queue, QueueStats(queue=queue))
+            current.counts[TaskStatus(status)] = count
+            if status == TaskStatus.PENDING.value:
+                stats[queue] = QueueStats(
+                    queue=queue,
+                    counts=current.counts,
+                    scheduled=scheduled or 0,
+                    oldest_pending_at=utc(oldest),
+                )
+        return list(stats.values())
+
+    async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
+        params: dict[str, Any] = {"kind": kind}
+        statement = self._sql.next_due_all
+        if queues is not None:
+            statement = self._sql.next_due_queues
+            params["queues"] = list(queues)
+
+        async def work(conn: Conn) -> Any:
+            cursor = await conn.execute(statement, params)
+            return await cursor.fetchone()
+
+        row = await self._read(work)
+        return None if row is None else utc(row[0])
+
+    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+        if not statuses:
+            return 0
+
+        async def work(conn: Conn) -> int:
+            cursor = await conn.execute(
+                self._sql.purge,
+                {"before": finished_before, "statuses": [status.value for status in statuses]},
+            )
+            return cursor.rowcount
+
+        return await self._read(work)

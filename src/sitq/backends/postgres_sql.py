@@ -1,0 +1,313 @@
+"""The SQL of :mod:`sitq.backends.postgres`, in one place, with the decoding of the
+rows it returns (which depends on its column orders).
+
+Every statement is a template with ``{schema}`` standing for the quoted schema name;
+:class:`Statements` fills it in once per backend. Parameters are psycopg's named
+``%(name)s`` placeholders, so values are never formatted into the text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sitq.core import ReservedTask, Task, TaskStatus
+
+# Identifiers we format into SQL: a plain name keeps quoting trivial and the
+# NOTIFY channel (named after the schema) within PostgreSQL's 63-byte limit.
+SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# Each entry is one schema version; {schema}.sitq_migrations records which have run.
+# Never edit a released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE {schema}.sitq_jobs (
+        seq              bigserial NOT NULL,
+        id               text PRIMARY KEY,
+        queue            text NOT NULL,
+        kind             text NOT NULL,
+        status           text NOT NULL,
+        priority         integer NOT NULL,
+        payload          bytea NOT NULL,
+        enqueued_at      timestamptz NOT NULL,
+        available_at     timestamptz NOT NULL,
+        attempts         integer NOT NULL DEFAULT 0,
+        max_attempts     integer NOT NULL,
+        max_deliveries   integer,
+        interval_us      bigint,
+        series_id        text,
+        owner            text,
+        lease_expires_at timestamptz,
+        started_at       timestamptz,
+        finished_at      timestamptz,
+        result           bytea,
+        error            text,
+        traceback        text,
+        cancel_requested boolean NOT NULL DEFAULT false
+    );
+    -- The claim path: due jobs by priority then due time. Partial, so finished jobs
+    -- cost it nothing.
+    CREATE INDEX sitq_jobs_due ON {schema}.sitq_jobs (kind, priority DESC, available_at, seq)
+        WHERE status = 'pending';
+    -- next_due, and claims when most pending jobs are far in the future: a range scan
+    -- on available_at stops at the first job not yet due.
+    CREATE INDEX sitq_jobs_pending_at ON {schema}.sitq_jobs (kind, available_at)
+        WHERE status = 'pending';
+    CREATE INDEX sitq_jobs_lease ON {schema}.sitq_jobs (kind, lease_expires_at)
+        WHERE status = 'running';
+    CREATE INDEX sitq_jobs_enqueued ON {schema}.sitq_jobs (enqueued_at, seq);
+    CREATE INDEX sitq_jobs_finished ON {schema}.sitq_jobs (finished_at)
+        WHERE finished_at IS NOT NULL;
+    CREATE INDEX sitq_jobs_series ON {schema}.sitq_jobs (series_id)
+        WHERE series_id IS NOT NULL;
+    """,
+)
+
+MIGRATION_TABLE = """
+CREATE TABLE IF NOT EXISTS {schema}.sitq_migrations (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+TASK_COLUMNS = (
+    "id, queue, kind, status, priority, attempts, max_attempts, enqueued_at, available_at,"
+    " started_at, finished_at, interval_us, series_id, error, traceback, result"
+)
+RESERVED_COLUMNS = (
+    "j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts,"
+    " j.available_at, j.enqueued_at, j.lease_expires_at, j.interval_us, j.series_id, j.status,"
+    " j.seq"
+)
+
+_INSERT = (
+    "INSERT INTO {schema}.sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
+    " available_at, max_attempts, max_deliveries, interval_us, series_id)"
+    " VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+# One statement: lock due jobs and jobs whose lease ran out (a dead worker's), skipping
+# rows other claimers hold, keep the best ``limit`` of them, and lease those. A job read
+# more than ``max_deliveries`` times turns 'dead' instead of being handed out again.
+# Among equals, the first enqueued goes first.
+# The two candidate sets are selected separately so each uses its own partial index.
+_CLAIM = """
+WITH due AS (
+    SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
+    WHERE status = 'pending' AND kind = %(kind)s AND available_at <= %(now)s{queue_filter}
+    ORDER BY priority DESC, available_at, seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
+    WHERE status = 'running' AND kind = %(kind)s AND lease_expires_at <= %(now)s{queue_filter}
+    ORDER BY priority DESC, available_at, seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM (SELECT * FROM due UNION ALL SELECT * FROM expired) AS candidates
+    ORDER BY priority DESC, available_at, seq
+    LIMIT %(limit)s
+)
+UPDATE {schema}.sitq_jobs AS j SET
+    status = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                  THEN 'dead' ELSE 'running' END,
+    owner = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                 THEN NULL ELSE %(owner)s END,
+    lease_expires_at = CASE WHEN j.max_deliveries IS NOT NULL
+                                 AND j.attempts >= j.max_deliveries
+                            THEN NULL ELSE %(lease_expires_at)s END,
+    finished_at = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                       THEN %(now)s ELSE j.finished_at END,
+    error = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                 THEN 'delivered ' || j.attempts || ' times without being finished'
+                 ELSE j.error END,
+    attempts = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                    THEN j.attempts ELSE j.attempts + 1 END,
+    started_at = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
+                      THEN j.started_at ELSE %(now)s END,
+    cancel_requested = false
+FROM picked WHERE j.id = picked.id
+RETURNING {reserved}
+"""
+
+# Rows are locked in id order so a heartbeat and a settle of the same worker, which
+# touch the same rows, cannot deadlock.
+_EXTEND = """
+UPDATE {schema}.sitq_jobs AS j SET lease_expires_at = %(lease_expires_at)s
+FROM (SELECT id FROM {schema}.sitq_jobs
+      WHERE id = ANY(%(ids)s) AND owner = %(owner)s AND status = 'running'
+      ORDER BY id FOR UPDATE) AS held
+WHERE j.id = held.id
+RETURNING j.id, j.cancel_requested
+"""
+
+_FINISH = """
+UPDATE {schema}.sitq_jobs SET status = %(status)s, owner = NULL, lease_expires_at = NULL,
+    finished_at = %(now)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s
+WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'
+RETURNING cancel_requested
+"""
+
+_RESCHEDULE = """
+UPDATE {schema}.sitq_jobs SET
+    status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE WHEN cancel_requested THEN %(at)s ELSE NULL END,
+    available_at = %(at)s, owner = NULL, lease_expires_at = NULL,
+    attempts = attempts - %(undo)s, error = coalesce(%(error)s, error),
+    traceback = coalesce(%(traceback)s, traceback)
+WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'
+RETURNING id
+"""
+
+_CANCEL = """
+UPDATE {schema}.sitq_jobs SET
+    status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status = 'pending' THEN %(now)s ELSE finished_at END,
+    cancel_requested = true
+WHERE id = %(id)s AND status IN ('pending', 'running')
+RETURNING id
+"""
+
+_REQUEUE = """
+UPDATE {schema}.sitq_jobs SET status = 'pending', available_at = %(now)s, attempts = 0,
+    finished_at = NULL, error = NULL, traceback = NULL, result = NULL,
+    cancel_requested = false
+WHERE id = %(id)s AND status IN ('failed', 'dead', 'cancelled')
+RETURNING id
+"""
+
+_QUEUE_STATS = """
+SELECT queue, status, count(*),
+    count(*) FILTER (WHERE status = 'pending' AND available_at > %(now)s),
+    min(available_at) FILTER (WHERE status = 'pending' AND available_at <= %(now)s)
+FROM {schema}.sitq_jobs GROUP BY queue, status ORDER BY queue
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The statements for one schema."""
+
+    schema: str
+    migration_table: str
+    insert: str
+    claim_all: str
+    claim_queues: str
+    extend: str
+    finish: str
+    reschedule: str
+    cancel: str
+    requeue: str
+    delete: str
+    get: str
+    list_prefix: str
+    queue_stats: str
+    next_due_all: str
+    next_due_queues: str
+    purge: str
+    migrations: tuple[str, ...]
+
+    @classmethod
+    def for_schema(cls, name: str) -> Statements:
+        schema = f'"{name}"'
+
+        def fill(template: str, **extra: str) -> str:
+            return template.format(schema=schema, **extra)
+
+        queue_filter = " AND queue = ANY(%(queues)s)"
+        table = f"{schema}.sitq_jobs"
+        return cls(
+            schema=schema,
+            migration_table=fill(MIGRATION_TABLE),
+            insert=fill(_INSERT),
+            claim_all=fill(_CLAIM, queue_filter="", reserved=RESERVED_COLUMNS),
+            claim_queues=fill(_CLAIM, queue_filter=queue_filter, reserved=RESERVED_COLUMNS),
+            extend=fill(_EXTEND),
+            finish=fill(_FINISH),
+            reschedule=fill(_RESCHEDULE),
+            cancel=fill(_CANCEL),
+            requeue=fill(_REQUEUE),
+            delete=f"DELETE FROM {table} WHERE id = %(id)s",
+            get=f"SELECT {TASK_COLUMNS} FROM {table} WHERE id = %(id)s",
+            list_prefix=f"SELECT {TASK_COLUMNS} FROM {table}",
+            queue_stats=fill(_QUEUE_STATS),
+            next_due_all=(
+                f"SELECT min(available_at) FROM {table}"
+                " WHERE status = 'pending' AND kind = %(kind)s"
+            ),
+            next_due_queues=(
+                f"SELECT min(available_at) FROM {table}"
+                f" WHERE status = 'pending' AND kind = %(kind)s{queue_filter}"
+            ),
+            purge=(
+                f"DELETE FROM {table} WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
+            ),
+            migrations=tuple(fill(script) for script in MIGRATIONS),
+        )
+
+
+# -- rows to objects: the column orders above, decoded ----------------------------------
+
+
+def claim_order(row: Sequence[Any]) -> tuple[int, datetime, int]:
+    # RETURNING has no order: sort like the claim's ORDER BY (priority, due, seq).
+    return (-row[4], row[7], row[13])
+
+
+def utc(value: datetime | None) -> datetime | None:
+    # timestamptz comes back in the session's TimeZone; the API speaks UTC.
+    return None if value is None else value.astimezone(UTC)
+
+
+def utc_required(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def micros(value: timedelta | None) -> int | None:
+    return None if value is None else value // timedelta(microseconds=1)
+
+
+def interval_from(value: int | None) -> timedelta | None:
+    return None if value is None else timedelta(microseconds=value)
+
+
+def task_from_row(row: Sequence[Any]) -> Task:
+    return Task(
+        id=row[0],
+        queue=row[1],
+        kind=row[2],
+        status=TaskStatus(row[3]),
+        priority=row[4],
+        attempts=row[5],
+        max_attempts=row[6],
+        enqueued_at=utc_required(row[7]),
+        available_at=utc_required(row[8]),
+        started_at=utc(row[9]),
+        finished_at=utc(row[10]),
+        interval=interval_from(row[11]),
+        series_id=row[12],
+        error=row[13],
+        traceback=row[14],
+        result=None if row[15] is None else bytes(row[15]),
+    )
+
+
+def reserved_from_row(row: Sequence[Any]) -> ReservedTask:
+    return ReservedTask(
+        id=row[0],
+        queue=row[1],
+        kind=row[2],
+        payload=bytes(row[3]),
+        priority=row[4],
+        attempts=row[5],
+        max_attempts=row[6],
+        available_at=utc_required(row[7]),
+        enqueued_at=utc_required(row[8]),
+        lease_expires_at=utc_required(row[9]),
+        interval=interval_from(row[10]),
+        series_id=row[11],
+    )

@@ -1,0 +1,106 @@
+"""What every ``sitq`` subcommand shares: exit codes, the backend option, opening it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import click
+
+from sitq.backends.base import Backend
+from sitq.backends.sqlite import SQLiteBackend
+from sitq.backends.url import backend_from_url
+from sitq.errors import ValidationError
+from sitq.queue import TaskQueue
+
+T = TypeVar("T")
+
+#: Exit codes; stable, documented in docs/cli.md.
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # unknown task id, database file or directory that does not exist
+EXIT_USAGE = 2  # bad option, unparsable URL or duration, module that cannot be imported
+EXIT_BACKEND = 3  # the database failed or cannot be reached
+EXIT_CONFLICT = 4  # the task is in a state that does not allow the operation
+
+BACKEND_ENV = "SITQ_BACKEND_URL"
+
+
+class CliError(click.ClickException):
+    """A one-line error for the user, with the exit code it maps to."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_NOT_FOUND) -> None:
+        super().__init__(message)
+        # click declares exit_code per class; one class with a code per instance is simpler.
+        self.exit_code = exit_code  # type: ignore[misc]
+
+
+backend_option = click.option(
+    "--backend",
+    "-b",
+    "backend_url",
+    envvar=BACKEND_ENV,
+    show_envvar=True,
+    metavar="URL",
+    help="Where jobs are stored: sqlite:///rel.db, sqlite:////abs.db, postgresql://...",
+)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def open_backend(url: str | None, *, must_exist: bool) -> Backend:
+    """The backend ``url`` names, checked enough to fail with one clear line.
+
+    ``must_exist``: an SQLite file that does not exist is an error rather than being
+    created (inspection must not leave empty databases behind after a typo).
+    """
+    if not url:
+        raise CliError(f"no backend: pass --backend URL or set {BACKEND_ENV}", EXIT_USAGE)
+    try:
+        backend = backend_from_url(url)
+    except ValidationError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    # The CLI is the one place that knows a URL names a file on this machine.
+    if isinstance(backend, SQLiteBackend):
+        if not backend.path.parent.is_dir():
+            raise CliError(
+                f"cannot open {url}: directory {backend.path.parent} does not exist",
+                EXIT_NOT_FOUND,
+            )
+        if must_exist and not backend.path.is_file():
+            raise CliError(
+                f"database {backend.path} does not exist (a worker or `sitq migrate` creates it)",
+                EXIT_NOT_FOUND,
+            )
+    if urlsplit(url).scheme.lower() in {"postgres", "postgresql"}:
+        _check_postgres(getattr(backend, "dsn", url))
+    return backend
+
+
+def _check_postgres(dsn: str) -> None:
+    """Connect once, so a wrong host or database fails at once with the server's words
+    (the backend's pool retries quietly until its timeout)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=10):
+            pass
+    except psycopg.Error as exc:
+        text = " ".join(str(exc).split())
+        missing = re.search(r'database "[^"]*" does not exist', text) is not None
+        raise CliError(
+            f"cannot connect to PostgreSQL: {text}", EXIT_NOT_FOUND if missing else EXIT_BACKEND
+        ) from None
+
+
+def with_queue(url: str | None, work: Callable[[TaskQueue], Awaitable[T]]) -> T:
+    """Open the backend at ``url`` (which must exist), run ``work``, close it."""
+    backend = open_backend(url, must_exist=True)
+
+    async def go() -> T:
+        async with TaskQueue(backend) as queue:
+            return await work(queue)
+
+    return asyncio.run(go())

@@ -1,0 +1,582 @@
+"""Messages (spec 002): producers, consumers, visibility, dead letters, metrics.
+
+Every test runs on every backend through the ``backend`` fixture. Time is a
+``FakeClock`` wherever a timeout or delay matters, so nothing waits for real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from helpers import wait_until
+from sitq import (
+    BackendError,
+    Consumer,
+    FakeClock,
+    LeaseLostError,
+    Message,
+    Producer,
+    SerializationError,
+    TaskNotFoundError,
+    TaskQueue,
+    TaskStatus,
+    ValidationError,
+)
+from sitq.backends.base import Backend, NewJob, TaskQuery
+
+VT = 30  # the visibility timeout most tests use, in seconds
+
+
+def make(
+    backend: Backend, clock: FakeClock, *, max_deliveries: int | None = None
+) -> tuple[Producer, Consumer]:
+    producer = Producer(backend, "jobs", max_deliveries=max_deliveries, clock=clock)
+    return producer, Consumer(backend, "jobs", VT, name="c1", clock=clock)
+
+
+async def stored_messages(backend: Backend) -> list[str]:
+    return [job.id for job in await backend.list_jobs(TaskQuery(kind="message"))]
+
+
+async def status_of(backend: Backend, job_id: str) -> TaskStatus | None:
+    job = await backend.get(job_id)
+    return None if job is None else job.status
+
+
+# -- producing -------------------------------------------------------------------------
+
+
+async def test_json_payload_round_trips_with_message_fields(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    payload = {"type": "reminder", "ids": [1, 2.5, None, True], "text": "héllo ✓", "n": {}}
+
+    message_id = await producer.enqueue(payload)
+    (message,) = await consumer.dequeue()
+
+    assert message == Message(
+        id=message_id,
+        queue="jobs",
+        payload=payload,
+        enqueued_at=clock.now(),
+        visible_at=clock.now(),
+        read_count=1,
+    )
+    assert message.visible_at.utcoffset() == timedelta(0)
+
+
+async def test_enqueue_many_stores_all_in_order(backend: Backend) -> None:
+    producer, consumer = make(backend, FakeClock())
+    ids = await producer.enqueue_many([{"n": n} for n in range(5)])
+
+    assert len(set(ids)) == 5
+    assert await producer.enqueue_many([]) == []
+    got = await consumer.dequeue(batch_size=10)
+    assert sorted(m.payload["n"] for m in got) == list(range(5))
+    assert {m.id for m in got} == set(ids)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        math.nan,
+        {"x": math.inf},
+        {1: "int key"},
+        (1, 2),
+        {"when": object()},
+        [b"bytes"],
+        {"s": {1, 2}},
+    ],
+    ids=["nan", "inf", "int-key", "tuple", "object", "bytes", "set"],
+)
+async def test_non_json_payload_is_rejected_and_nothing_stored(
+    backend: Backend, payload: Any
+) -> None:
+    producer, _ = make(backend, FakeClock())
+
+    with pytest.raises(SerializationError):
+        await producer.enqueue(payload)
+    with pytest.raises(SerializationError):
+        await producer.enqueue_delayed(payload, 5)
+    with pytest.raises(SerializationError):
+        await producer.enqueue_many([{"fine": 1}, payload])
+
+    assert await stored_messages(backend) == []
+
+
+async def test_circular_payload_is_rejected(backend: Backend) -> None:
+    producer, _ = make(backend, FakeClock())
+    loop: list[Any] = []
+    loop.append(loop)
+
+    with pytest.raises(SerializationError, match="circular"):
+        await producer.enqueue(loop)
+    assert await stored_messages(backend) == []
+
+
+async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: Backend) -> None:
+    producer, consumer = make(backend, FakeClock())
+
+    for delay in (-1, math.nan, "5", True):
+        with pytest.raises(ValidationError):
+            await producer.enqueue_delayed({"a": 1}, delay)  # type: ignore[arg-type]
+    for size in (0, -3, True, 1.5):
+        with pytest.raises(ValidationError):
+            await consumer.dequeue(batch_size=size)  # type: ignore[arg-type]
+    for queue in ("", None, 7):
+        with pytest.raises(ValidationError):
+            Producer(backend, queue)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError):
+            Consumer(backend, queue)  # type: ignore[arg-type]
+    for timeout in (0, -1, 0.01):
+        with pytest.raises(ValidationError):
+            Consumer(backend, "jobs", timeout)
+    with pytest.raises(ValidationError):
+        Producer(backend, "jobs", max_deliveries=0)
+    with pytest.raises(ValidationError):
+        Producer("not a backend", "jobs")  # type: ignore[arg-type]
+    for not_a_list in ({"a": 1}, "abc", b"abc"):
+        with pytest.raises(ValidationError):
+            await producer.enqueue_many(not_a_list)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        await consumer.release("x", delay=-1)
+    with pytest.raises(ValidationError):
+        await consumer.extend_visibility("x", 0)
+
+    assert await stored_messages(backend) == []
+
+
+# -- visibility --------------------------------------------------------------------------
+
+
+async def test_delayed_message_is_hidden_until_its_delay_passes(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue_delayed({"later": True}, delay_seconds=60)
+
+    assert await consumer.dequeue() == []
+    clock.advance(59)
+    assert await consumer.dequeue() == []
+    clock.advance(1)
+    (message,) = await consumer.dequeue()
+
+    assert message.id == message_id
+    assert message.visible_at == message.enqueued_at + timedelta(seconds=60)
+
+
+async def test_expired_visibility_hands_the_message_out_again(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, first = make(backend, clock)
+    second = Consumer(backend, "jobs", VT, name="c2", clock=clock)
+    message_id = await producer.enqueue({"k": 1})
+
+    (taken,) = await first.dequeue()
+    assert taken.read_count == 1
+    clock.advance(VT - 1)
+    assert await second.dequeue() == []
+
+    clock.advance(2)  # the first consumer's timeout ran out: no admin step needed
+    (again,) = await second.dequeue()
+
+    assert (again.id, again.read_count, again.payload) == (message_id, 2, {"k": 1})
+    assert await first.archive(message_id) is False  # it lost the message
+    assert await second.archive(message_id) is True
+    assert await status_of(backend, message_id) is TaskStatus.SUCCESS
+
+
+async def test_extend_visibility_keeps_the_message_hidden(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, first = make(backend, clock)
+    second = Consumer(backend, "jobs", VT, name="c2", clock=clock)
+    message_id = await producer.enqueue({"slow": True})
+    await first.dequeue()
+
+    clock.advance(20)
+    hidden_until = await first.extend_visibility(message_id, 30)
+    assert hidden_until == clock.now() + timedelta(seconds=30)
+
+    clock.advance(25)  # past the original timeout, inside the extended one
+    assert await second.dequeue() == []
+    clock.advance(6)
+    (again,) = await second.dequeue()
+    assert again.read_count == 2
+
+    with pytest.raises(LeaseLostError):
+        await first.extend_visibility(message_id, 30)
+    with pytest.raises(TaskNotFoundError):
+        await first.extend_visibility("no-such-id", 30)
+
+
+async def test_release_with_delay_counts_the_read(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    other = Consumer(backend, "jobs", VT, name="c2", clock=clock)
+    message_id = await producer.enqueue({"retry": "me"})
+    await consumer.dequeue()
+
+    assert await other.release(message_id) is False  # not its message
+    assert await consumer.release(message_id, delay=10) is True
+    assert await consumer.release(message_id) is False  # no longer held
+    assert await status_of(backend, message_id) is TaskStatus.PENDING
+
+    clock.advance(9)
+    assert await consumer.dequeue() == []
+    clock.advance(1)
+    (again,) = await consumer.dequeue()
+    assert (again.id, again.read_count) == (message_id, 2)
+    assert again.visible_at == clock.now()
+
+
+async def test_archive_keeps_the_message_as_success(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue({"done": "soon"})
+    await consumer.dequeue()
+
+    assert await consumer.archive(message_id) is True
+    assert await consumer.archive(message_id) is False
+    assert await consumer.dequeue() == []
+    stored = await backend.get(message_id)
+    assert stored is not None
+    assert (stored.status, stored.kind, stored.finished_at) == (
+        TaskStatus.SUCCESS,
+        "message",
+        clock.now(),
+    )
+    assert (await consumer.metrics()).archived == 1
+
+
+async def test_delete_cancels_a_scheduled_message_no_one_holds(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue_delayed({"cancel": "me"}, delay_seconds=3600)
+
+    assert await consumer.delete(message_id) is True
+    assert await backend.get(message_id) is None
+    clock.advance(3600)
+    assert await consumer.dequeue() == []
+    assert await consumer.delete(message_id) is False
+    assert await consumer.delete("no-such-id") is False
+
+
+async def test_delete_works_on_held_messages_but_not_on_other_queues(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    elsewhere = await Producer(backend, "other", clock=clock).enqueue({"q": "other"})
+    task_id = await TaskQueue(backend, clock=clock, default_queue="jobs").enqueue(print)
+    held = await producer.enqueue({"held": True})
+    holder = Consumer(backend, "jobs", VT, name="c2", clock=clock)
+    await holder.dequeue()
+
+    assert await consumer.delete(held) is True  # whoever holds it
+    assert await holder.archive(held) is False
+    assert await consumer.delete(elsewhere) is False
+    assert await consumer.delete(task_id) is False
+    assert await backend.get(elsewhere) is not None
+    assert await backend.get(task_id) is not None
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+async def test_message_read_too_often_is_dead_then_requeued(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock, max_deliveries=2)
+    message_id = await producer.enqueue({"poison": True})
+
+    for read in (1, 2):
+        (message,) = await consumer.dequeue()
+        assert message.read_count == read
+        clock.advance(VT + 1)  # the consumer "crashed": its timeout runs out
+
+    assert await consumer.dequeue() == []  # a third read is not allowed
+    assert await status_of(backend, message_id) is TaskStatus.DEAD
+    (dead,) = await consumer.dead_letters()
+    assert (dead.id, dead.attempts, dead.kind) == (message_id, 2, "message")
+    assert dead.error is not None and "2 times" in dead.error
+    assert (await consumer.metrics()).dead == 1
+    assert await Consumer(backend, "other", clock=clock).dead_letters() == []
+
+    assert await Consumer(backend, "other", clock=clock).requeue(message_id) is False
+    assert await consumer.requeue(message_id) is True
+    assert await consumer.requeue(message_id) is False  # no longer dead
+    assert await consumer.dead_letters() == []
+    (revived,) = await consumer.dequeue()
+    assert (revived.id, revived.read_count, revived.payload) == (message_id, 1, {"poison": True})
+
+
+async def test_released_message_also_dies_after_max_deliveries(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock, max_deliveries=3)
+    message_id = await producer.enqueue({"fails": "always"})
+
+    for _ in range(3):
+        (message,) = await consumer.dequeue()
+        assert await consumer.release(message.id) is True
+
+    assert await consumer.dequeue() == []
+    assert await status_of(backend, message_id) is TaskStatus.DEAD
+
+
+async def test_unreadable_payload_goes_to_the_dead_letters(backend: Backend) -> None:
+    clock = FakeClock()
+    _, consumer = make(backend, clock)
+    now = clock.now()
+    await backend.enqueue(
+        [NewJob("bad", "jobs", "message", b"\xff not json", enqueued_at=now, available_at=now)]
+    )
+
+    assert await consumer.dequeue() == []
+    (dead,) = await consumer.dead_letters()
+    assert dead.id == "bad"
+    assert dead.error is not None and "JSON" in dead.error
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+async def test_metrics_count_states_and_the_oldest_pending_age(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    await producer.enqueue_many([{"n": 1}, {"n": 2}])  # t = 0
+    clock.advance(5)
+    await producer.enqueue({"n": 3})  # t = 5
+    await producer.enqueue_delayed({"n": 4}, 100)
+    await TaskQueue(backend, clock=clock, default_queue="jobs").enqueue(print)  # a task too
+    (held,) = await consumer.dequeue()
+    await Producer(backend, "other", clock=clock).enqueue({"n": 5})
+
+    metrics = await consumer.metrics()
+    assert (metrics.queue, metrics.pending, metrics.scheduled, metrics.running) == (
+        "jobs",
+        3,
+        1,
+        1,
+    )
+    assert (metrics.archived, metrics.dead, metrics.failed, metrics.cancelled) == (0, 0, 0, 0)
+    assert metrics.oldest_pending_age == timedelta(seconds=5)
+
+    await consumer.archive(held.id)
+    clock.advance(10)
+    later = await producer.metrics()
+    assert (later.pending, later.running, later.archived) == (3, 0, 1)
+    assert later.oldest_pending_age == timedelta(seconds=15)
+    empty = await Consumer(backend, "nothing-here", clock=clock).metrics()
+    assert (empty.pending, empty.oldest_pending_age) == (0, None)
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+async def test_two_consumers_never_get_the_same_message(
+    backend: Backend, backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    # A second backend object on the same storage, as another process would have.
+    other_backend = make_backend(backend_kind)
+    if other_backend is not backend:
+        await other_backend.open()
+    try:
+        ids = set(await Producer(backend, "jobs").enqueue_many([{"n": n} for n in range(60)]))
+        consumers = [Consumer(backend, "jobs", name="a"), Consumer(other_backend, "jobs", name="b")]
+        taken: dict[str, list[str]] = {"a": [], "b": []}
+
+        async def drain(consumer: Consumer) -> None:
+            while batch := await consumer.dequeue(batch_size=4):
+                taken[consumer.name].extend(m.id for m in batch)
+                await asyncio.sleep(0)  # let the other consumer claim in between
+
+        await asyncio.gather(*(drain(c) for c in consumers))
+    finally:
+        if other_backend is not backend:
+            await other_backend.close()
+
+    assert not set(taken["a"]) & set(taken["b"])
+    assert sorted(taken["a"] + taken["b"]) == sorted(ids)
+
+
+# -- the iterator ------------------------------------------------------------------------
+
+
+async def test_iterator_yields_a_message_enqueued_after_it_started(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long poll interval: only the enqueue's wake-up can deliver in time.
+    consumer = Consumer(backend, "jobs", poll_interval=60)
+    idle = asyncio.Event()
+    next_due = backend.next_due
+
+    async def spy(*args: Any) -> Any:
+        idle.set()  # the iterator found nothing and is about to sleep
+        return await next_due(*args)
+
+    monkeypatch.setattr(backend, "next_due", spy)
+
+    async def first_message() -> Message:
+        async with contextlib.aclosing(consumer.messages()) as stream:
+            async for message in stream:
+                return message
+        raise AssertionError("the iterator ended")
+
+    receiving = asyncio.create_task(first_message())
+    await asyncio.wait_for(idle.wait(), 10)
+    message_id = await Producer(backend, "jobs").enqueue({"late": True})
+
+    message = await asyncio.wait_for(receiving, 10)
+    assert (message.id, message.payload) == (message_id, {"late": True})
+
+
+async def test_closing_the_iterator_gives_back_unyielded_messages(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    await producer.enqueue_many([{"n": n} for n in range(3)])
+
+    async with contextlib.aclosing(consumer.messages(batch_size=3)) as stream:
+        async for message in stream:
+            first = message
+            break
+
+    assert await status_of(backend, first.id) is TaskStatus.RUNNING
+    rest = await Consumer(backend, "jobs", name="c2", clock=clock).dequeue(batch_size=5)
+    assert len(rest) == 2
+    assert all(m.read_count == 1 for m in rest)  # the hand-back was not a read
+
+
+async def test_stop_ends_async_for_over_the_consumer(backend: Backend) -> None:
+    producer, consumer = make(backend, FakeClock())
+    await producer.enqueue_many([{"n": 1}, {"n": 2}])
+    seen = []
+
+    async for message in consumer:
+        seen.append(message.payload)
+        await consumer.archive(message.id)
+        if len(seen) == 2:
+            consumer.stop()
+
+    assert sorted(p["n"] for p in seen) == [1, 2]
+    assert [m async for m in consumer] == []  # stopping is final
+
+
+# -- the handler loop --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+async def test_process_archives_and_carries_on_after_handler_errors(
+    backend: Backend, flavour: str
+) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock, max_deliveries=2)
+    ok1 = await producer.enqueue({"name": "ok1"})
+    bad = await producer.enqueue({"name": "bad"})
+    ok2 = await producer.enqueue({"name": "ok2"})
+    calls: list[str] = []
+
+    def handle(message: Message) -> None:
+        calls.append(message.payload["name"])
+        if message.payload["name"] == "bad":
+            raise RuntimeError("cannot handle this one")
+
+    async def handle_async(message: Message) -> None:
+        handle(message)
+
+    handler = handle_async if flavour == "async" else handle
+    processed = await consumer.process(handler, burst=True)
+
+    assert processed == 4  # ok1, ok2 and two reads of bad
+    assert sorted(calls) == ["bad", "bad", "ok1", "ok2"]
+    assert await status_of(backend, ok1) is TaskStatus.SUCCESS
+    assert await status_of(backend, ok2) is TaskStatus.SUCCESS
+    assert await status_of(backend, bad) is TaskStatus.DEAD
+
+
+async def test_process_heartbeat_keeps_a_slow_message_hidden(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    rival = Consumer(backend, "jobs", VT, name="rival", clock=clock)
+    message_id = await producer.enqueue({"slow": True})
+    started, finish = asyncio.Event(), asyncio.Event()
+    beats: list[frozenset[str]] = []
+    extend = backend.extend_leases
+
+    async def spy(*args: Any) -> Any:
+        report = await extend(*args)
+        beats.append(report.lost)
+        return report
+
+    monkeypatch.setattr(backend, "extend_leases", spy)
+
+    async def slow(message: Message) -> None:
+        started.set()
+        await finish.wait()
+
+    running = asyncio.create_task(consumer.process(slow))
+    await asyncio.wait_for(started.wait(), 10)
+    clock.advance(VT * 2 / 3)
+    await wait_until(lambda: beats)
+    clock.advance(VT * 2 / 3)  # past the first timeout: only the heartbeat hides it
+
+    assert await rival.dequeue() == []
+    assert beats[0] == frozenset()
+    finish.set()
+    await wait_until(_is(backend, message_id, TaskStatus.SUCCESS))
+    consumer.stop()
+    assert await asyncio.wait_for(running, 10) == 1
+
+
+def _is(backend: Backend, job_id: str, status: TaskStatus) -> Callable[[], Any]:
+    async def check() -> bool:
+        return await status_of(backend, job_id) is status
+
+    return check
+
+
+async def test_process_survives_a_storage_error(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = Producer(backend, "jobs")
+    consumer = Consumer(backend, "jobs", poll_interval=0.01)
+    message_id = await producer.enqueue({"n": 1})
+    claim = backend.claim
+    failures = [BackendError("database is restarting")]
+
+    async def flaky(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await claim(*args)
+
+    monkeypatch.setattr(backend, "claim", flaky)
+    seen: list[str] = []
+
+    assert await consumer.process(lambda m: seen.append(m.id), burst=True) == 1
+    assert seen == [message_id]
+    assert await status_of(backend, message_id) is TaskStatus.SUCCESS
+
+
+async def test_cancelled_process_gives_back_its_messages(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    ids = await producer.enqueue_many([{"n": 1}, {"n": 2}])
+    started = asyncio.Event()
+
+    async def hang(message: Message) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    running = asyncio.create_task(consumer.process(hang, batch_size=2))
+    await asyncio.wait_for(started.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+    # Both are visible again at once; only the one the handler saw counts a read.
+    again = await Consumer(backend, "jobs", name="c2", clock=clock).dequeue(batch_size=2)
+    assert sorted(m.id for m in again) == sorted(ids)
+    assert sorted(m.read_count for m in again) == [1, 2]

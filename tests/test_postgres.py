@@ -1,0 +1,392 @@
+"""PostgreSQL-specific behaviour: migrations, SKIP LOCKED claims, LISTEN/NOTIFY
+wake-ups across backend objects, and surviving killed connections.
+
+The behaviour every backend shares is in the conformance suite (the ``backend``
+fixture); this file covers what only PostgreSQL does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import pg_tasks
+from conftest import POSTGRES_DSN
+from helpers import wait_until
+from sitq import BackendError, MemoryBackend, SyncTaskQueue, TaskQueue, TaskStatus, Worker
+from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Reschedule, TaskQuery
+
+# psycopg is an optional extra; tests that touch the server skip through ``pg_schema``.
+psycopg = pytest.importorskip("psycopg")
+
+from sitq.backends.postgres import PostgresBackend  # noqa: E402
+from sitq.backends.postgres_sql import MIGRATIONS  # noqa: E402
+from sitq.backends.url import backend_from_url  # noqa: E402
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def job(job_id: str, *, at: datetime = NOW, priority: int = 0, **extra: object) -> NewJob:
+    return NewJob(
+        id=job_id,
+        queue="default",
+        kind="task",
+        payload=b"x",
+        enqueued_at=NOW,
+        available_at=at,
+        priority=priority,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def claim(owner: str, limit: int = 10, now: datetime = NOW) -> ClaimRequest:
+    return ClaimRequest(owner, "task", limit, timedelta(seconds=30), now)
+
+
+@pytest.fixture
+async def pg(pg_schema: str) -> AsyncIterator[PostgresBackend]:
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def terminate_other_connections() -> int:
+    """Kill every other connection to the test database, as a server restart would."""
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        ).fetchall()
+    return len(rows)
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent(pg: PostgresBackend, pg_schema: str) -> None:
+    assert await pg.migrate() == 0
+    assert await pg.migrate() == 0
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        versions = conn.execute(
+            f'SELECT version FROM "{pg_schema}".sitq_migrations ORDER BY version'
+        ).fetchall()
+    assert [v for (v,) in versions] == list(range(1, len(MIGRATIONS) + 1))
+
+
+async def test_concurrent_open_migrates_once(pg_schema: str) -> None:
+    backends = [PostgresBackend(POSTGRES_DSN, schema=pg_schema) for _ in range(6)]
+    try:
+        await asyncio.gather(*(b.open() for b in backends))
+        applied = await asyncio.gather(*(b.migrate() for b in backends))
+        assert applied == [0] * 6
+        await backends[0].enqueue([job("a")])
+        assert (await backends[5].get("a")) is not None
+    finally:
+        await asyncio.gather(*(b.close() for b in backends))
+
+
+async def test_opening_one_object_twice_at_once_makes_one_pool(pg_schema: str) -> None:
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    try:
+        await asyncio.gather(backend.open(), backend.open())
+        pools = dict(backend._loops)
+        await backend.open()
+        assert backend._loops == pools
+        assert len(pools) == 1
+    finally:
+        await backend.close()
+
+
+async def test_reopen_after_close(pg: PostgresBackend) -> None:
+    await pg.enqueue([job("a")])
+    await pg.close()
+    await pg.open()
+    await pg.open()  # idempotent
+    assert (await pg.get("a")) is not None
+
+
+async def test_unreachable_server_is_a_backend_error(pg_schema: str) -> None:
+    backend = PostgresBackend(
+        "postgresql://postgres@127.0.0.1:1/test", schema=pg_schema, connect_timeout=1
+    )
+    with pytest.raises(BackendError):
+        await backend.open()
+    with pytest.raises(BackendError, match="not open"):
+        await backend.get("x")
+
+
+def test_a_sync_client_and_a_worker_thread_share_one_backend(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    processed: list[int] = []
+    with SyncTaskQueue(backend) as client:
+        task_id = client.enqueue(pg_tasks.record, str(tmp_path / "log"), 7)
+        # Worker.run has its own event loop: the backend connects there too.
+        worker = threading.Thread(target=lambda: processed.append(Worker(backend).run(True)))
+        worker.start()
+        worker.join(timeout=30)
+        result = client.get_result(task_id, timeout=10)
+    assert processed == [1]
+    assert result is not None and client.deserialize_result(result) == 7
+    assert backend._loops == {}
+
+
+def test_schema_name_is_validated() -> None:
+    with pytest.raises(ValueError, match="schema"):
+        PostgresBackend(POSTGRES_DSN, schema='x"; DROP TABLE y; --')
+
+
+def test_url_may_name_the_schema() -> None:
+    backend = backend_from_url("postgresql://postgres@127.0.0.1:5432/test?schema=jobs_a")
+    assert isinstance(backend, PostgresBackend)
+    assert backend.schema == "jobs_a"
+    assert "schema" not in backend.dsn
+
+
+# -- the same answers as the reference backend -------------------------------------------
+
+
+async def _scripted_run(backend: Backend) -> list[object]:
+    """Exercise every operation; return everything the backend answered."""
+    later = timedelta(minutes=5)
+
+    def at(**delta: float) -> datetime:
+        return NOW + timedelta(**delta)
+
+    out: list[object] = []
+    await backend.enqueue(
+        [
+            job("a"),
+            job("b", priority=5),
+            job("c", at=at(hours=1)),
+            job("d", max_deliveries=1),
+            job("e", interval=later, series_id="e"),
+            job("g", interval=later, series_id="g"),
+        ]
+    )
+    with pytest.raises(BackendError):
+        await backend.enqueue([job("a")])
+    out.append(await backend.next_due("task", None))
+    out.append(await backend.next_due("task", ("elsewhere",)))
+    out.append(await backend.claim(claim("w", limit=4)))
+    out.append(await backend.cancel("e", NOW))
+    out.append(await backend.extend_leases("w", ["a", "b", "e", "zz"], later, NOW))
+    next_run = job("f", at=at(minutes=5), interval=later, series_id="e")
+    out.append(
+        await backend.settle(
+            [
+                Finish("e", "w", TaskStatus.SUCCESS, NOW, result=b"r", next_run=next_run),
+                Reschedule("b", "w", at(seconds=10), error="E", traceback="T"),
+                Finish("a", "other", TaskStatus.SUCCESS, NOW),
+            ],
+            claim("w", now=at(seconds=10)),
+        )
+    )
+    g_next = job("h", at=at(minutes=5), interval=later, series_id="g")
+    out.append(
+        await backend.settle(
+            [Finish("g", "w", TaskStatus.SUCCESS, at(seconds=20), next_run=g_next)], None
+        )
+    )
+    out.append(await backend.get("h"))
+    out.append(await backend.claim(claim("w2", now=at(minutes=2))))
+    out.append(await backend.finish(Finish("a", "w2", TaskStatus.FAILED, at(minutes=2))))
+    out.append(await backend.requeue("a", at(minutes=3)))
+    out.append(await backend.requeue("c", NOW))
+    out.append(await backend.list_jobs(TaskQuery()))
+    out.append(await backend.list_jobs(TaskQuery(status=TaskStatus.PENDING, limit=2)))
+    out.append(await backend.queue_stats(at(minutes=3)))
+    out.append(await backend.purge(at(days=1), [TaskStatus.SUCCESS, TaskStatus.DEAD]))
+    out.append([await backend.delete("a"), await backend.delete("a"), await backend.get("a")])
+    return out
+
+
+async def test_answers_like_the_memory_backend(pg: PostgresBackend) -> None:
+    assert await _scripted_run(pg) == await _scripted_run(MemoryBackend())
+
+
+# -- claims -------------------------------------------------------------------------------
+
+
+async def test_concurrent_claims_never_share_a_job(pg: PostgresBackend, pg_schema: str) -> None:
+    await pg.enqueue([job(f"j{i:03}") for i in range(200)])
+    others = [PostgresBackend(POSTGRES_DSN, schema=pg_schema) for _ in range(4)]
+    try:
+        await asyncio.gather(*(b.open() for b in others))
+
+        async def drain(backend: PostgresBackend, owner: str) -> list[str]:
+            got: list[str] = []
+            while batch := await backend.claim(claim(owner, limit=7)):
+                got.extend(task.id for task in batch)
+            return got
+
+        results = await asyncio.gather(*(drain(b, f"w{n}") for n, b in enumerate(others)))
+    finally:
+        await asyncio.gather(*(b.close() for b in others))
+    claimed = [job_id for batch in results for job_id in batch]
+    assert sorted(claimed) == [f"j{i:03}" for i in range(200)]
+
+
+async def test_equal_jobs_are_claimed_in_enqueue_order(pg: PostgresBackend) -> None:
+    names = [f"job-{n}" for n in (5, 3, 9, 1, 7, 2, 8)]
+    await pg.enqueue([job(name) for name in names])
+    first = [task.id for task in await pg.claim(claim("w", limit=3))]
+    rest = [task.id for task in await pg.claim(claim("w", limit=10))]
+    assert first + rest == names
+
+
+async def test_expired_lease_is_claimed_again_in_the_same_statement(pg: PostgresBackend) -> None:
+    await pg.enqueue([job("a")])
+    assert len(await pg.claim(claim("dead-worker"))) == 1
+    assert await pg.claim(claim("w2", now=NOW + timedelta(seconds=29))) == []
+    [again] = await pg.claim(claim("w2", now=NOW + timedelta(seconds=30)))
+    assert (again.id, again.attempts) == ("a", 2)
+    stale = Finish("a", "dead-worker", TaskStatus.SUCCESS, NOW + timedelta(seconds=31))
+    assert not await pg.finish(stale)
+
+
+async def test_max_deliveries_makes_a_job_dead(pg: PostgresBackend) -> None:
+    await pg.enqueue([job("m", max_deliveries=1)])
+    assert len(await pg.claim(claim("w"))) == 1
+    assert await pg.claim(claim("w", now=NOW + timedelta(minutes=1))) == []
+    task = await pg.get("m")
+    assert task is not None
+    assert (task.status, task.attempts) == (TaskStatus.DEAD, 1)
+
+
+async def test_far_future_backlog_does_not_slow_claims(pg: PostgresBackend, pg_schema: str) -> None:
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{pg_schema}".sitq_jobs (id, queue, kind, status, priority,'
+            " payload, enqueued_at, available_at, max_attempts)"
+            " SELECT 'far' || n, 'default', 'task', 'pending', 0, '\\x00'::bytea,"
+            " %s, %s, 1 FROM generate_series(1, 200000) AS n",
+            (NOW, NOW + timedelta(days=365)),
+        )
+        conn.execute(f'ANALYZE "{pg_schema}".sitq_jobs')
+    await pg.enqueue([job(f"due{n}") for n in range(50)])
+    started = time.perf_counter()
+    claimed = 0
+    for _ in range(10):
+        claimed += len(await pg.claim(claim("w", limit=5)))
+    assert await pg.claim(claim("w", limit=5)) == []  # nothing due left: the costly case
+    elapsed = time.perf_counter() - started
+    assert claimed == 50
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        params = {"kind": "task", "now": NOW, "limit": 8, "owner": "w", "lease_expires_at": NOW}
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + pg._sql.claim_all, params))
+    assert "Seq Scan" not in plan, plan
+    # A scan of the backlog costs tens of milliseconds per claim; the index, well under 1.
+    assert elapsed / 11 < 0.02, f"claim took {elapsed / 11 * 1000:.1f} ms"
+
+
+# -- LISTEN/NOTIFY ------------------------------------------------------------------------
+
+
+async def test_enqueue_in_another_backend_wakes_a_worker_at_once(
+    pg: PostgresBackend, pg_schema: str, tmp_path: Path
+) -> None:
+    other = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await other.open()
+    # A poll interval far longer than the deadline: only a NOTIFY can wake it in time.
+    worker = Worker(pg, poll_interval=60)
+    await worker.start()
+    try:
+        await pg.wait_listening()
+        await other.wait_listening()
+        assert await other.next_due("task", None) is None
+        client = TaskQueue(other)
+        task_id = await client.enqueue(pg_tasks.record, str(tmp_path / "log"), 1)
+        started = time.monotonic()
+        # The other backend's get_result is woken by the worker's NOTIFY in turn.
+        result = await client.get_result(task_id, timeout=10)
+        assert result is not None and result.ok
+        assert time.monotonic() - started < 5
+    finally:
+        await worker.stop()
+        await other.close()
+
+
+async def test_a_plain_notify_wakes_subscribers(pg: PostgresBackend) -> None:
+    await pg.wait_listening()
+    woken = pg.wakeup.subscribe()
+    try:
+        woken.clear()
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as c:
+            await c.execute("SELECT pg_notify(%s, '')", (pg.channel,))
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        pg.wakeup.unsubscribe(woken)
+
+
+async def test_listener_reconnects_after_its_connection_is_killed(pg: PostgresBackend) -> None:
+    await pg.wait_listening()
+    assert terminate_other_connections() >= 1
+    woken = pg.wakeup.subscribe()
+    try:
+        # Notify until the new listener hears one: it must come back on its own.
+        async def heard() -> bool:
+            woken.clear()
+            async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as conn:
+                await conn.execute("SELECT pg_notify(%s, '')", (pg.channel,))
+            try:
+                await asyncio.wait_for(woken.wait(), 0.2)
+            except TimeoutError:
+                return False
+            return True
+
+        await wait_until(heard, timeout=15)
+    finally:
+        pg.wakeup.unsubscribe(woken)
+
+
+# -- lost connections ---------------------------------------------------------------------
+
+
+async def test_operations_survive_killed_connections(pg: PostgresBackend) -> None:
+    await pg.enqueue([job("a")])
+    terminate_other_connections()
+    assert (await pg.get("a")) is not None
+    terminate_other_connections()
+    await pg.enqueue([job("b")])
+    assert len(await pg.claim(claim("w"))) == 2
+
+
+async def test_worker_loses_no_task_when_connections_are_killed(
+    pg: PostgresBackend, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "log")
+    total = 400
+    client = TaskQueue(pg)
+    ids = await client.enqueue_many(
+        [(pg_tasks.record_slowly, (log, n, 0.002)) for n in range(total)]
+    )
+    worker = Worker(pg, max_concurrency=8, poll_interval=0.2, visibility_timeout=2)
+    await worker.start()
+    try:
+        kills = 0
+        for fraction in (0.2, 0.5, 0.8):
+            await wait_until(lambda f=fraction: len(pg_tasks.read_counts(log)) >= total * f)
+            terminate_other_connections()
+            kills += 1
+
+        await wait_until(lambda: len(pg_tasks.read_counts(log)) == total, timeout=60)
+    finally:
+        await worker.stop(timeout=10)
+    counts = pg_tasks.read_counts(log)
+    assert sorted(counts) == list(range(total))
+    for task_id in ids:
+        task = await pg.get(task_id)
+        assert task is not None and task.status is TaskStatus.SUCCESS, task
+    assert kills == 3
