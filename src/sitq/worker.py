@@ -152,9 +152,14 @@ class Worker:
     async def serve(self, burst: bool = False) -> int:
         """Work in the current task until :meth:`stop` (or, with ``burst``, until no
         due task is left). Returns how many tasks this call processed."""
-        await self.backend.open()
-        self._prepare()
-        return await self._serve(burst)
+        # Register this task so stop() (called from another task) can wait for it.
+        self._main = asyncio.current_task()
+        try:
+            await self.backend.open()
+            self._prepare()
+            return await self._serve(burst)
+        finally:
+            self._main = None
 
     def run(self, burst: bool = False) -> int:
         """Block, working until SIGINT or SIGTERM (or, with ``burst``, until no due task
@@ -164,7 +169,6 @@ class Worker:
     async def _run_with_signals(self, burst: bool) -> int:
         loop = asyncio.get_running_loop()
         serving = asyncio.ensure_future(self.serve(burst))
-        self._main = serving
 
         def first_signal() -> None:
             self._stopping = True
@@ -177,7 +181,6 @@ class Worker:
         try:
             return await serving
         finally:
-            self._main = None
             for signum in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
@@ -257,7 +260,12 @@ class Worker:
         now = self.clock.now()
         deadline = now + timedelta(seconds=self.poll_interval)
         if not self._running:
-            next_due = await self.backend.next_due("task", self.queues)
+            try:
+                next_due = await self.backend.next_due("task", self.queues)
+            except Exception:
+                # Storage is down: sleep the poll interval, then the claim retries.
+                logger.exception("could not read the next due time; will try again")
+                next_due = None
             if next_due is not None and next_due < deadline:
                 # A due job we could not claim (another worker took it) must not spin us.
                 deadline = max(next_due, now + timedelta(milliseconds=1))
@@ -270,10 +278,14 @@ class Worker:
         if moment - self._last_prune < PRUNE_EVERY.total_seconds():
             return
         self._last_prune = moment
-        removed = await self.backend.purge(
-            self.clock.now() - self.retention,
-            [status for status in TaskStatus if status in FINISHED_STATUSES],
-        )
+        try:
+            removed = await self.backend.purge(
+                self.clock.now() - self.retention,
+                [status for status in TaskStatus if status in FINISHED_STATUSES],
+            )
+        except Exception:
+            logger.exception("could not prune finished jobs; will try again")
+            return
         if removed:
             logger.info("pruned %d finished jobs older than %s", removed, self.retention)
 

@@ -140,8 +140,6 @@ class SQLiteBackend(Backend):
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
         self._schema_ready = False
         self._next_rescue = 0
 
@@ -165,8 +163,6 @@ class SQLiteBackend(Backend):
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
         self._local.conn = conn
-        with self._connections_lock:
-            self._connections.append(conn)
         if not self._schema_ready:
             self._migrate(conn)
         return conn
@@ -226,11 +222,14 @@ class SQLiteBackend(Backend):
         await self._retrying(lambda conn: None)
 
     async def close(self) -> None:
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        """Close this thread's connection. Each thread (a worker's loop, a
+        ``SyncTaskQueue``'s private loop) owns its own, so one client closing never
+        pulls the file out from under another that shares this backend object."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        conn.close()
 
     # -- rows to objects -----------------------------------------------------------
 

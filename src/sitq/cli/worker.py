@@ -286,9 +286,6 @@ async def _serve(backend: Backend, settings: WorkerSettings) -> int:
         due = await _due_count(worker, backend, settings)
         logger.info("burst: %d tasks due or running; running them, then exiting", due)
     serving = asyncio.create_task(worker.serve(burst=settings.burst))
-    # Worker.stop() waits for and hands back the work of the task in ``_main``; serve()
-    # does not set it (start() would, but has no burst mode), so register ours.
-    worker._main = serving
     watchers: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
     if settings.burst:
         watchers.append(asyncio.create_task(_report_progress(worker, backend, settings)))
