@@ -1,0 +1,560 @@
+"""The backend contract (``sitq.backends.base``), checked the same way on every backend.
+
+These tests talk to the backend directly and hand it explicit ``now`` values, so
+leases expire and jobs come due without any real waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sitq import BackendError, TaskStatus
+from sitq.backends.base import (
+    Backend,
+    ClaimRequest,
+    Finish,
+    NewJob,
+    Reschedule,
+    TaskQuery,
+)
+from sitq.core import JobKind, Task
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+LEASE = timedelta(seconds=10)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def job(
+    job_id: str | None = None,
+    *,
+    queue: str = "default",
+    kind: JobKind = "task",
+    priority: int = 0,
+    due: float = 0,
+    enqueued: float | None = None,
+    interval: timedelta | None = None,
+    max_attempts: int = 1,
+) -> NewJob:
+    job_id = job_id or uuid.uuid4().hex
+    return NewJob(
+        id=job_id,
+        queue=queue,
+        kind=kind,
+        payload=b"payload-" + job_id.encode(),
+        enqueued_at=at(due if enqueued is None else enqueued),
+        available_at=at(due),
+        priority=priority,
+        max_attempts=max_attempts,
+        interval=interval,
+        series_id=job_id if interval is not None else None,
+    )
+
+
+def claim_req(
+    owner: str = "w1",
+    *,
+    now: float = 0,
+    limit: int = 10,
+    queues: tuple[str, ...] | None = None,
+    kind: JobKind = "task",
+) -> ClaimRequest:
+    return ClaimRequest(owner, kind, limit, LEASE, at(now), queues)
+
+
+def assert_aware_utc(moment: datetime | None) -> None:
+    assert moment is not None
+    assert moment.tzinfo is not None
+    assert moment.utcoffset() == timedelta(0)
+
+
+async def get(backend: Backend, job_id: str) -> Task:
+    task = await backend.get(job_id)
+    assert task is not None, f"job {job_id} is missing"
+    return task
+
+
+# -- enqueue and get ---------------------------------------------------------------------
+
+
+async def test_enqueue_stores_the_job_with_aware_utc_times(backend: Backend) -> None:
+    new = job("a", queue="mail", priority=3, due=5, enqueued=1, max_attempts=4)
+    await backend.enqueue([new])
+    task = await get(backend, "a")
+    assert (task.id, task.queue, task.kind, task.status) == ("a", "mail", "task", "pending")
+    assert (task.priority, task.attempts, task.max_attempts) == (3, 0, 4)
+    assert task.enqueued_at == at(1)
+    assert task.available_at == at(5)
+    for moment in (task.enqueued_at, task.available_at):
+        assert_aware_utc(moment)
+    assert task.started_at is None and task.finished_at is None
+    assert task.result is None and task.error is None and task.traceback is None
+
+
+async def test_get_unknown_id_is_none(backend: Backend) -> None:
+    assert await backend.get("no-such-job") is None
+
+
+async def test_enqueue_is_all_or_nothing(backend: Backend) -> None:
+    await backend.enqueue([job("dup")])
+    with pytest.raises(BackendError):
+        await backend.enqueue([job("fresh-1"), job("dup"), job("fresh-2")])
+    assert await backend.get("fresh-1") is None
+    assert await backend.get("fresh-2") is None
+    assert [t.id for t in await backend.list_jobs(TaskQuery())] == ["dup"]
+
+
+# -- claim --------------------------------------------------------------------------------
+
+
+async def test_claim_never_exceeds_limit(backend: Backend) -> None:
+    await backend.enqueue([job(f"j{n}") for n in range(5)])
+    first = await backend.claim(claim_req(limit=2))
+    assert len(first) == 2
+    second = await backend.claim(claim_req(limit=10))
+    assert len(second) == 3
+    assert await backend.claim(claim_req(limit=10)) == []
+    assert {r.id for r in first} | {r.id for r in second} == {f"j{n}" for n in range(5)}
+
+
+async def test_claim_sets_a_lease_and_counts_the_attempt(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    (reserved,) = await backend.claim(claim_req(now=2))
+    assert reserved.id == "a"
+    assert reserved.attempts == 1
+    assert reserved.payload == b"payload-a"
+    assert reserved.lease_expires_at == at(2) + LEASE
+    assert_aware_utc(reserved.lease_expires_at)
+    assert_aware_utc(reserved.available_at)
+    task = await get(backend, "a")
+    assert task.status is TaskStatus.RUNNING
+    assert task.attempts == 1
+    assert task.started_at == at(2)
+    assert_aware_utc(task.started_at)
+
+
+async def test_claim_takes_only_due_jobs_of_the_kind_and_queues_asked(backend: Backend) -> None:
+    await backend.enqueue(
+        [
+            job("later", due=60),
+            job("other-queue", queue="other"),
+            job("message", kind="message"),
+            job("now"),
+        ]
+    )
+    claimed = await backend.claim(claim_req(queues=("default",)))
+    assert [r.id for r in claimed] == ["now"]
+    assert await backend.claim(claim_req(now=9, queues=("default",))) == []
+    assert await backend.finish(Finish("now", "w1", TaskStatus.SUCCESS, at(9)))
+    assert await backend.claim(claim_req(now=59, queues=("default",))) == []
+    # Without a queue filter every queue is served, in due order.
+    assert [r.id for r in await backend.claim(claim_req(now=60))] == ["other-queue", "later"]
+    assert (await get(backend, "message")).status is TaskStatus.PENDING
+    assert [r.id for r in await backend.claim(claim_req(now=60, kind="message"))] == ["message"]
+
+
+async def test_claim_order_is_priority_then_due_time(backend: Backend) -> None:
+    await backend.enqueue(
+        [
+            job("low-early", priority=0, due=0),
+            job("high-late", priority=5, due=3),
+            job("low-late", priority=0, due=2),
+            job("high-early", priority=5, due=1),
+            job("mid", priority=1, due=4),
+        ]
+    )
+    expected = ["high-early", "high-late", "mid", "low-early", "low-late"]
+    one_by_one = [(await backend.claim(claim_req(now=10, limit=1)))[0].id for _ in range(5)]
+    assert one_by_one == expected
+
+
+async def test_claim_batch_is_returned_in_priority_then_due_order(backend: Backend) -> None:
+    await backend.enqueue(
+        [
+            job("c", priority=0, due=1),
+            job("a", priority=2, due=2),
+            job("b", priority=0, due=0),
+            job("skipped", priority=-1, due=0),
+        ]
+    )
+    assert [r.id for r in await backend.claim(claim_req(now=5, limit=3))] == ["a", "b", "c"]
+
+
+async def test_concurrent_claims_hand_each_job_to_one_owner(
+    backend: Backend, backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    # A second backend object on the same storage plays a second process.
+    other = make_backend(backend_kind)
+    await other.open()
+    try:
+        total = 40
+        await backend.enqueue([job(f"j{n}") for n in range(total)])
+        rounds = [
+            (backend if n % 2 == 0 else other).claim(claim_req(f"w{n}", limit=3))
+            for n in range(20)
+        ]
+        results = await asyncio.gather(*rounds)
+    finally:
+        if other is not backend:
+            await other.close()
+    assert all(len(batch) <= 3 for batch in results)
+    ids = [r.id for batch in results for r in batch]
+    assert len(ids) == len(set(ids)), "a job was claimed twice"
+    assert sorted(ids) == sorted(f"j{n}" for n in range(total))
+
+
+async def test_expired_lease_is_claimable_again_with_attempts_counted(backend: Backend) -> None:
+    await backend.enqueue([job("a", max_attempts=3)])
+    await backend.claim(claim_req("dead-worker", now=0))
+    # Not before the lease runs out...
+    assert await backend.claim(claim_req("rescuer", now=9)) == []
+    # ...but after it, with the attempt of the dead worker counted.
+    (again,) = await backend.claim(claim_req("rescuer", now=11))
+    assert again.id == "a"
+    assert again.attempts == 2
+    assert again.lease_expires_at == at(11) + LEASE
+    task = await get(backend, "a")
+    assert (task.status, task.attempts) == (TaskStatus.RUNNING, 2)
+
+
+async def test_late_writes_from_a_taken_over_owner_are_rejected(backend: Backend) -> None:
+    await backend.enqueue([job("a", max_attempts=3)])
+    await backend.claim(claim_req("slow", now=0))
+    (taken,) = await backend.claim(claim_req("fast", now=11))
+    assert taken.id == "a"
+
+    late_finish = Finish("a", "slow", TaskStatus.SUCCESS, at(12), result=b"stale")
+    assert await backend.finish(late_finish) is False
+    assert await backend.reschedule(Reschedule("a", "slow", at(12), error="x")) is False
+    report = await backend.extend_leases("slow", ["a"], LEASE, at(12))
+    assert report.lost == frozenset({"a"})
+    task = await get(backend, "a")
+    assert task.status is TaskStatus.RUNNING and task.result is None
+
+    assert await backend.finish(Finish("a", "fast", TaskStatus.SUCCESS, at(13), result=b"ok"))
+    task = await get(backend, "a")
+    assert (task.status, task.result, task.finished_at) == (TaskStatus.SUCCESS, b"ok", at(13))
+    assert_aware_utc(task.finished_at)
+    # Finishing twice is a write from an owner that no longer holds the job.
+    assert await backend.finish(Finish("a", "fast", TaskStatus.FAILED, at(14))) is False
+    assert (await get(backend, "a")).status is TaskStatus.SUCCESS
+
+
+async def test_unknown_and_foreign_jobs_are_not_writable(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req("owner"))
+    assert await backend.finish(Finish("a", "stranger", TaskStatus.SUCCESS, at(1))) is False
+    assert await backend.finish(Finish("nope", "owner", TaskStatus.SUCCESS, at(1))) is False
+    assert await backend.reschedule(Reschedule("nope", "owner", at(1))) is False
+
+
+# -- leases ----------------------------------------------------------------------------
+
+
+async def test_extend_leases_keeps_a_running_job_from_being_taken(backend: Backend) -> None:
+    await backend.enqueue([job("a"), job("b")])
+    await backend.claim(claim_req("w1", now=0))
+    report = await backend.extend_leases("w1", ["a", "b"], LEASE, at(8))
+    assert report.lost == frozenset() and report.cancel_requested == frozenset()
+    # The original leases (until t=10) are gone; the new ones last until t=18.
+    assert await backend.claim(claim_req("w2", now=15)) == []
+    assert {r.id for r in await backend.claim(claim_req("w2", now=19))} == {"a", "b"}
+
+
+async def test_extend_leases_reports_lost_and_cancel_requested(backend: Backend) -> None:
+    await backend.enqueue([job("kept"), job("cancelled"), job("taken")])
+    await backend.claim(claim_req("w1", now=0))
+    assert await backend.cancel("cancelled", at(1))
+    # "taken" expires and goes to w2; the others are renewed in time below.
+    await backend.extend_leases("w1", ["kept", "cancelled"], LEASE, at(5))
+    assert [r.id for r in await backend.claim(claim_req("w2", now=11))] == ["taken"]
+    report = await backend.extend_leases(
+        "w1", ["kept", "cancelled", "taken", "unknown"], LEASE, at(12)
+    )
+    assert report.lost == frozenset({"taken", "unknown"})
+    assert report.cancel_requested == frozenset({"cancelled"})
+
+
+async def test_extend_leases_with_no_ids_reports_nothing(backend: Backend) -> None:
+    report = await backend.extend_leases("w1", [], LEASE, at(0))
+    assert report.lost == frozenset() and report.cancel_requested == frozenset()
+
+
+# -- finish and recurring runs ---------------------------------------------------------
+
+
+async def test_finish_stores_the_failure_text_and_traceback(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req())
+    failure = Finish(
+        "a", "w1", TaskStatus.FAILED, at(3), error="ValueError: boom", traceback="Trace\n  l1"
+    )
+    assert await backend.finish(failure)
+    task = await get(backend, "a")
+    assert (task.status, task.error, task.traceback) == (
+        TaskStatus.FAILED,
+        "ValueError: boom",
+        "Trace\n  l1",
+    )
+    assert task.finished_at == at(3)
+
+
+async def test_finish_with_next_run_inserts_the_next_run(backend: Backend) -> None:
+    every = timedelta(seconds=60)
+    await backend.enqueue([job("run1", interval=every)])
+    await backend.claim(claim_req())
+    following = NewJob(
+        id="run2",
+        queue="default",
+        kind="task",
+        payload=b"payload-run1",
+        enqueued_at=at(1),
+        available_at=at(60),
+        interval=every,
+        series_id="run1",
+    )
+    assert await backend.finish(
+        Finish("run1", "w1", TaskStatus.SUCCESS, at(1), next_run=following)
+    )
+    nxt = await get(backend, "run2")
+    assert (nxt.status, nxt.available_at, nxt.series_id, nxt.interval) == (
+        TaskStatus.PENDING,
+        at(60),
+        "run1",
+        every,
+    )
+    assert (await get(backend, "run1")).status is TaskStatus.SUCCESS
+
+
+async def test_rejected_finish_does_not_insert_the_next_run(backend: Backend) -> None:
+    every = timedelta(seconds=60)
+    await backend.enqueue([job("run1", interval=every)])
+    await backend.claim(claim_req("slow", now=0))
+    await backend.claim(claim_req("fast", now=11))
+    following = job("run2", due=60, interval=every)
+    assert not await backend.finish(
+        Finish("run1", "slow", TaskStatus.SUCCESS, at(12), next_run=following)
+    )
+    assert await backend.get("run2") is None
+
+
+async def test_finish_of_a_cancelled_series_inserts_no_next_run(backend: Backend) -> None:
+    every = timedelta(seconds=60)
+    await backend.enqueue([job("run1", interval=every)])
+    await backend.claim(claim_req())
+    assert await backend.cancel("run1", at(1))
+    following = job("run2", due=60, interval=every)
+    assert await backend.finish(
+        Finish("run1", "w1", TaskStatus.SUCCESS, at(2), next_run=following)
+    )
+    assert await backend.get("run2") is None
+    assert await backend.next_due("task", None) is None
+
+
+# -- reschedule ------------------------------------------------------------------------
+
+
+async def test_reschedule_returns_the_job_to_pending_with_its_error(backend: Backend) -> None:
+    await backend.enqueue([job("a", max_attempts=3)])
+    await backend.claim(claim_req("w1", now=0))
+    retry = Reschedule("a", "w1", at(30), error="OSError: flaky", traceback="tb")
+    assert await backend.reschedule(retry)
+    task = await get(backend, "a")
+    assert (task.status, task.available_at, task.attempts) == (TaskStatus.PENDING, at(30), 1)
+    assert (task.error, task.traceback) == ("OSError: flaky", "tb")
+    assert await backend.claim(claim_req("w2", now=29)) == []
+    (again,) = await backend.claim(claim_req("w2", now=30))
+    assert again.attempts == 2
+
+
+async def test_reschedule_with_undo_attempt_gives_the_attempt_back(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req("w1", now=0))
+    assert await backend.reschedule(Reschedule("a", "w1", at(1), undo_attempt=True))
+    assert (await get(backend, "a")).attempts == 0
+
+
+async def test_settle_records_outcomes_then_claims(backend: Backend) -> None:
+    await backend.enqueue([job("a"), job("b"), job("c", due=5)])
+    await backend.claim(claim_req("w1", now=0, limit=1))
+    settled = await backend.settle(
+        [
+            Finish("a", "w1", TaskStatus.SUCCESS, at(5)),
+            Finish("ghost", "w1", TaskStatus.SUCCESS, at(5)),
+        ],
+        claim_req("w1", now=5, limit=5),
+    )
+    assert settled.accepted == [True, False]
+    assert sorted(r.id for r in settled.claimed) == ["b", "c"]
+    assert (await get(backend, "a")).status is TaskStatus.SUCCESS
+
+
+# -- cancel, requeue, delete -----------------------------------------------------------
+
+
+async def test_cancel_pending_job_stops_it_from_running(backend: Backend) -> None:
+    await backend.enqueue([job("a", due=30)])
+    assert await backend.cancel("a", at(1))
+    task = await get(backend, "a")
+    assert (task.status, task.finished_at) == (TaskStatus.CANCELLED, at(1))
+    assert await backend.claim(claim_req(now=60)) == []
+
+
+async def test_cancel_running_job_flags_it_and_keeps_the_lease(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req("w1"))
+    assert await backend.cancel("a", at(1))
+    assert (await get(backend, "a")).status is TaskStatus.RUNNING
+    report = await backend.extend_leases("w1", ["a"], LEASE, at(2))
+    assert report.cancel_requested == frozenset({"a"}) and report.lost == frozenset()
+    assert await backend.finish(Finish("a", "w1", TaskStatus.CANCELLED, at(3)))
+    assert (await get(backend, "a")).status is TaskStatus.CANCELLED
+
+
+async def test_cancel_finished_or_unknown_job_is_false(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req("w1"))
+    await backend.finish(Finish("a", "w1", TaskStatus.SUCCESS, at(1), result=b"r"))
+    assert await backend.cancel("a", at(2)) is False
+    assert await backend.cancel("unknown", at(2)) is False
+    task = await get(backend, "a")
+    assert (task.status, task.result) == (TaskStatus.SUCCESS, b"r")
+
+
+async def test_requeue_makes_failed_and_cancelled_jobs_pending_with_fresh_attempts(
+    backend: Backend,
+) -> None:
+    await backend.enqueue([job("failed", max_attempts=2), job("cancelled", due=100)])
+    await backend.claim(claim_req("w1"))
+    await backend.finish(Finish("failed", "w1", TaskStatus.FAILED, at(1), error="E: x"))
+    await backend.cancel("cancelled", at(1))
+
+    assert await backend.requeue("failed", at(5))
+    task = await get(backend, "failed")
+    assert (task.status, task.attempts, task.available_at) == (TaskStatus.PENDING, 0, at(5))
+    assert task.finished_at is None and task.error is None
+    assert await backend.requeue("cancelled", at(5))
+    assert {r.id for r in await backend.claim(claim_req("w2", now=5))} == {"failed", "cancelled"}
+
+
+async def test_requeue_refuses_pending_running_successful_and_unknown(backend: Backend) -> None:
+    await backend.enqueue([job("pending", due=100), job("running"), job("done")])
+    await backend.claim(claim_req("w1", now=0))
+    await backend.finish(Finish("done", "w1", TaskStatus.SUCCESS, at(1)))
+    for job_id in ("pending", "running", "done", "unknown"):
+        assert await backend.requeue(job_id, at(2)) is False, job_id
+    assert (await get(backend, "done")).status is TaskStatus.SUCCESS
+
+
+async def test_delete_removes_a_job_in_any_state(backend: Backend) -> None:
+    await backend.enqueue([job("pending"), job("running")])
+    await backend.claim(claim_req("w1", limit=1))
+    for job_id in ("pending", "running"):
+        assert await backend.delete(job_id)
+        assert await backend.get(job_id) is None
+        assert await backend.delete(job_id) is False
+    assert await backend.delete("unknown") is False
+
+
+# -- inspection ------------------------------------------------------------------------
+
+
+async def test_list_jobs_is_newest_first_and_filters(backend: Backend) -> None:
+    await backend.enqueue([job("old", enqueued=1), job("mail", queue="mail", enqueued=2)])
+    await backend.enqueue([job("msg", kind="message", enqueued=3), job("new", enqueued=4)])
+    await backend.claim(claim_req("w1", limit=10))  # old, mail and new run
+    await backend.finish(Finish("old", "w1", TaskStatus.SUCCESS, at(5)))
+
+    assert [t.id for t in await backend.list_jobs(TaskQuery())] == ["new", "msg", "mail", "old"]
+    assert [t.id for t in await backend.list_jobs(TaskQuery(limit=2))] == ["new", "msg"]
+    assert [t.id for t in await backend.list_jobs(TaskQuery(kind="task"))] == [
+        "new",
+        "mail",
+        "old",
+    ]
+    assert [t.id for t in await backend.list_jobs(TaskQuery(queue="mail"))] == ["mail"]
+    success = await backend.list_jobs(TaskQuery(status=TaskStatus.SUCCESS))
+    assert [t.id for t in success] == ["old"]
+    running = await backend.list_jobs(TaskQuery(status=TaskStatus.RUNNING, kind="task"))
+    assert [t.id for t in running] == ["new", "mail"]
+    for task in await backend.list_jobs(TaskQuery()):
+        assert_aware_utc(task.enqueued_at)
+        assert_aware_utc(task.available_at)
+
+
+async def test_queue_stats_counts_scheduled_and_oldest_pending(backend: Backend) -> None:
+    await backend.enqueue(
+        [
+            job("due-1", queue="b", due=3),
+            job("due-2", queue="b", due=1),
+            job("future", queue="b", due=100),
+            job("runs", queue="a", due=0),
+            job("done", queue="a", due=0),
+        ]
+    )
+    await backend.claim(claim_req("w1", now=0, queues=("a",)))
+    await backend.finish(Finish("done", "w1", TaskStatus.SUCCESS, at(1)))
+
+    stats = await backend.queue_stats(at(10))
+    assert [s.queue for s in stats] == ["a", "b"]
+    a, b = stats
+    assert a.counts.get(TaskStatus.RUNNING) == 1 and a.counts.get(TaskStatus.SUCCESS) == 1
+    assert a.counts.get(TaskStatus.PENDING, 0) == 0
+    assert (a.scheduled, a.pending, a.oldest_pending_at) == (0, 0, None)
+    assert b.counts.get(TaskStatus.PENDING) == 3
+    assert (b.scheduled, b.pending) == (1, 2)
+    assert b.oldest_pending_at == at(1)
+    assert_aware_utc(b.oldest_pending_at)
+    # Later on, the scheduled job has come due too.
+    later = {s.queue: s for s in await backend.queue_stats(at(200))}
+    assert (later["b"].scheduled, later["b"].pending) == (0, 3)
+
+
+async def test_queue_stats_of_an_empty_store_is_empty(backend: Backend) -> None:
+    assert await backend.queue_stats(at(0)) == []
+
+
+async def test_next_due_is_the_earliest_pending_time(backend: Backend) -> None:
+    assert await backend.next_due("task", None) is None
+    await backend.enqueue(
+        [
+            job("running", due=0),
+            job("later", due=50),
+            job("sooner", due=20, queue="q2"),
+            job("message", due=5, kind="message"),
+        ]
+    )
+    await backend.claim(claim_req("w1", now=0, limit=1))  # "running" is no longer pending
+    due = await backend.next_due("task", None)
+    assert due == at(20)
+    assert_aware_utc(due)
+    assert await backend.next_due("task", ("default",)) == at(50)
+    assert await backend.next_due("task", ("nothing-here",)) is None
+    assert await backend.next_due("message", None) == at(5)
+
+
+async def test_purge_removes_only_old_finished_jobs_in_the_given_statuses(
+    backend: Backend,
+) -> None:
+    await backend.enqueue(
+        [job("old-ok"), job("old-failed"), job("new-ok"), job("running"), job("pending", due=99)]
+    )
+    await backend.claim(claim_req("w1", now=0))
+    await backend.finish(Finish("old-ok", "w1", TaskStatus.SUCCESS, at(1)))
+    await backend.finish(Finish("old-failed", "w1", TaskStatus.FAILED, at(1)))
+    await backend.finish(Finish("new-ok", "w1", TaskStatus.SUCCESS, at(50)))
+
+    assert await backend.purge(at(10), [TaskStatus.SUCCESS]) == 1
+    assert await backend.get("old-ok") is None
+    assert await backend.get("old-failed") is not None
+    assert await backend.purge(at(10), [TaskStatus.SUCCESS, TaskStatus.FAILED]) == 1
+    assert await backend.purge(at(10), []) == 0
+    remaining = {t.id for t in await backend.list_jobs(TaskQuery())}
+    assert remaining == {"new-ok", "running", "pending"}
