@@ -12,7 +12,6 @@ from scenarios import System
 
 class HueySystem(System):
     name = "huey"
-    concurrency_label = "thread workers"
 
     db = ""
     #: False runs huey with ``fsync=False`` (synchronous=OFF) instead of its default.

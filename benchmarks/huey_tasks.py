@@ -9,13 +9,18 @@ process (which imports this module) share it. ``SITQ_BENCH_HUEY_FSYNC=0`` passes
 from __future__ import annotations
 
 import os
+import tempfile
 
 from common import stamp as write_stamp
 from huey import SqliteHuey
 
 _options = {"fsync": False} if os.environ.get("SITQ_BENCH_HUEY_FSYNC") == "0" else {}
 huey = SqliteHuey(
-    "bench", filename=os.environ.get("SITQ_BENCH_HUEY_DB", "huey-bench.db"), **_options
+    "bench",
+    filename=os.environ.get(
+        "SITQ_BENCH_HUEY_DB", os.path.join(tempfile.gettempdir(), "sitq-huey-bench.db")
+    ),
+    **_options,
 )
 
 

@@ -90,7 +90,6 @@ class SitqPostgres(SitqSystem, SchemaPerRun):
 
 class ProcrastinateSystem(SchemaPerRun):
     name = "procrastinate"
-    concurrency_label = "concurrency"
 
     app: Any = None
 
@@ -151,7 +150,6 @@ class ProcrastinateSystem(SchemaPerRun):
 
 class PgqrsSystem(SchemaPerRun):
     name = "pgqrs"
-    concurrency_label = "consume loops"
     queue_name = "bench"
 
     store: Any = None

@@ -27,7 +27,6 @@ class System(ABC):
 
     name: str
     #: How the system's worker runs its tasks at ``concurrency`` (shown in the table).
-    concurrency_label = "concurrency"
     #: False skips the enqueue-to-start and eta scenarios (for variants of a system).
     latency_scenarios = True
 

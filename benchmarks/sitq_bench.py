@@ -19,7 +19,6 @@ SETUP_CHUNK = 2_000
 
 class SitqSystem(System):
     name = "sitq"
-    concurrency_label = "max_concurrency"
 
     queue: TaskQueue | None = None
     #: The task functions (sync here: they run in the worker's thread pool).

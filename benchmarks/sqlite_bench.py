@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huey_bench import HueyNoFsync, HueySystem
 from scenarios import System
 from sitq_bench import SitqSystem
@@ -20,5 +22,5 @@ class SitqSqlite(SitqSystem):
         return [f"sqlite://{self.db}"]
 
 
-def systems(scratch) -> list[System]:  # type: ignore[no-untyped-def]
+def systems(scratch: Path) -> list[System]:
     return [SitqSqlite(scratch), HueySystem(scratch), HueyNoFsync(scratch)]

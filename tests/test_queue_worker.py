@@ -1,0 +1,464 @@
+"""TaskQueue + Worker through the public API, on every backend.
+
+Nothing here sleeps to let things settle: tests wait on conditions with deadlines
+(``wait_until``, ``get_result(timeout=...)``) or on events the tasks themselves set.
+The timing bounds (wake-up latency, eta lateness) are correctness bounds, far above
+what the code needs, not benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from helpers import wait_until
+from sitq import (
+    Result,
+    ResultTimeoutError,
+    SerializationError,
+    SyncClientError,
+    SyncTaskQueue,
+    SystemClock,
+    Task,
+    TaskQueue,
+    TaskStatus,
+    Worker,
+)
+from sitq.backends.base import Backend
+
+# -- task functions and the state they share with the tests ------------------------------
+# They are module-level so cloudpickle stores them by reference: the worker (in this
+# process) calls the very same functions and sees the same STATE.
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+        self.started: dict[str, float] = {}
+        self.started_at: dict[str, datetime] = {}
+        self.finished: set[str] = set()
+        self.gate = threading.Event()
+
+
+STATE = _State()
+
+
+@pytest.fixture(autouse=True)
+def fresh_state() -> Iterator[_State]:
+    global STATE
+    STATE = _State()
+    yield STATE
+    STATE.gate.set()  # never leave a task thread blocked after a failed test
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def explode(message: str) -> None:
+    raise ValueError(message)
+
+
+def mark_start(name: str) -> str:
+    STATE.started[name] = time.monotonic()
+    STATE.started_at[name] = datetime.now(UTC)
+    return name
+
+
+async def async_where() -> tuple[int, int]:
+    return threading.get_ident(), id(asyncio.get_running_loop())
+
+
+def sync_where() -> tuple[int, bool]:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return threading.get_ident(), False
+    return threading.get_ident(), True
+
+
+def _enter() -> None:
+    with STATE.lock:
+        STATE.running += 1
+        STATE.max_running = max(STATE.max_running, STATE.running)
+
+
+def _leave() -> None:
+    with STATE.lock:
+        STATE.running -= 1
+
+
+async def async_busy(seconds: float) -> None:
+    _enter()
+    try:
+        await asyncio.sleep(seconds)  # the task's "work"
+    finally:
+        _leave()
+
+
+def sync_busy(seconds: float) -> None:
+    _enter()
+    try:
+        time.sleep(seconds)  # the task's "work"
+    finally:
+        _leave()
+
+
+def wait_for_gate(name: str) -> str:
+    STATE.started[name] = time.monotonic()
+    if not STATE.gate.wait(30):
+        raise RuntimeError("the test never opened the gate")
+    STATE.finished.add(name)
+    return name
+
+
+def make_generator() -> Iterator[int]:
+    yield 1
+
+
+class WatchedClock(SystemClock):
+    """The system clock, telling the test when the worker goes to sleep and until when."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[datetime] = []
+
+    async def sleep_until(self, deadline: datetime, wakeup: asyncio.Event) -> None:
+        self.sleeps.append(deadline)
+        await super().sleep_until(deadline, wakeup)
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def queue(backend: Backend) -> TaskQueue:
+    return TaskQueue(backend)
+
+
+@pytest.fixture
+async def worker(backend: Backend) -> AsyncIterator[Worker]:
+    """A started worker with a short poll, stopped after the test."""
+    w = Worker(backend, max_concurrency=2, poll_interval=0.2)
+    await w.start()
+    try:
+        yield w
+    finally:
+        STATE.gate.set()
+        await w.stop(timeout=10)
+
+
+def assert_aware_utc(moment: datetime | None) -> None:
+    assert moment is not None and moment.utcoffset() == timedelta(0)
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+async def test_worker_runs_a_task_and_get_result_returns_its_value(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    task_id = await queue.enqueue(add, 2, b=3)
+    result = await queue.get_result(task_id, timeout=10)
+    assert isinstance(result, Result)
+    assert result.task_id == task_id
+    assert result.status == "success" and result.ok
+    assert queue.deserialize_result(result) == 5
+    assert result.error is None and result.traceback is None
+    assert result.attempts == 1
+    for moment in (result.enqueued_at, result.started_at, result.finished_at):
+        assert_aware_utc(moment)
+    assert result.enqueued_at <= result.started_at <= result.finished_at  # type: ignore[operator]
+
+
+async def test_failure_keeps_error_text_and_full_traceback(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    task_id = await queue.enqueue(explode, "kaboom-1234")
+    result = await queue.get_result(task_id, timeout=10)
+    assert result is not None
+    assert result.status == "failed" and not result.ok
+    assert result.error == "ValueError: kaboom-1234"
+    assert result.traceback is not None
+    assert result.traceback.startswith("Traceback (most recent call last):")
+    assert "in explode" in result.traceback  # the frame of the task itself
+    assert "raise ValueError(message)" in result.traceback
+    assert result.traceback.rstrip().endswith("ValueError: kaboom-1234")
+    with pytest.raises(ValueError, match="failed"):
+        queue.deserialize_result(result)
+
+
+async def test_get_result_of_unknown_id_is_none_at_once(queue: TaskQueue) -> None:
+    started = time.monotonic()
+    assert await queue.get_result("no-such-task") is None
+    assert await queue.get_result("no-such-task", timeout=30) is None
+    assert time.monotonic() - started < 1
+
+
+async def test_get_result_timeout_raises_a_builtin_timeout_error(queue: TaskQueue) -> None:
+    task_id = await queue.enqueue(add, 1, 1)  # no worker: it never finishes
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as caught:
+        await queue.get_result(task_id, timeout=0.3)
+    waited = time.monotonic() - started
+    assert isinstance(caught.value, ResultTimeoutError)
+    assert task_id in str(caught.value)
+    assert 0.3 <= waited < 5
+    task = await queue.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.PENDING
+
+
+# -- eta -----------------------------------------------------------------------------------
+
+
+async def test_naive_eta_is_rejected_naming_eta_and_stores_nothing(queue: TaskQueue) -> None:
+    with pytest.raises(ValueError, match="eta") as caught:
+        await queue.enqueue(add, 1, 2, eta=datetime(2030, 1, 1, 12, 0))
+    assert "timezone" in str(caught.value) or "aware" in str(caught.value)
+    assert await queue.list_tasks() == []
+
+
+async def test_aware_eta_in_another_zone_is_stored_as_utc(queue: TaskQueue) -> None:
+    plus_five = timezone(timedelta(hours=5, minutes=30))
+    eta = datetime(2031, 6, 1, 9, 15, tzinfo=plus_five)
+    task_id = await queue.enqueue(add, 1, 2, eta=eta)
+    task = await queue.get_task(task_id)
+    assert task is not None
+    assert task.eta == eta
+    assert task.eta.utcoffset() == timedelta(0)
+    assert (task.eta.hour, task.eta.minute) == (3, 45)
+    (listed,) = await queue.list_tasks()
+    assert listed.eta == datetime(2031, 6, 1, 3, 45, tzinfo=UTC)
+
+
+async def test_past_eta_runs_at_once(queue: TaskQueue, backend: Backend) -> None:
+    w = Worker(backend, poll_interval=30)
+    await w.start()
+    try:
+        eta = datetime.now(UTC) - timedelta(hours=1)
+        started = time.monotonic()
+        task_id = await queue.enqueue(add, 20, 22, eta=eta)
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and queue.deserialize_result(result) == 42
+        assert time.monotonic() - started < 1
+    finally:
+        await w.stop()
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad_argument",
+    [threading.Lock, make_generator, lambda: (x for x in range(3))],
+    ids=["lock", "generator", "generator-expression"],
+)
+async def test_unpicklable_argument_fails_at_enqueue_and_stores_nothing(
+    queue: TaskQueue, bad_argument: Callable[[], Any]
+) -> None:
+    with pytest.raises(SerializationError) as caught:
+        await queue.enqueue(add, bad_argument(), 1)
+    assert isinstance(caught.value, ValueError)
+    text = str(caught.value).lower()
+    assert "pickle" in text or "serializ" in text
+    assert "nothing was stored" in text
+    assert await queue.list_tasks() == []
+    assert (await queue.counts())["pending"] == 0
+
+
+# -- how tasks run -------------------------------------------------------------------------
+
+
+async def test_async_tasks_run_on_the_loop_and_sync_ones_in_threads(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    async_id = await queue.enqueue(async_where)
+    sync_id = await queue.enqueue(sync_where)
+    async_result = await queue.get_result(async_id, timeout=10)
+    sync_result = await queue.get_result(sync_id, timeout=10)
+    assert async_result is not None and sync_result is not None
+    assert queue.deserialize_result(async_result) == (
+        threading.get_ident(),
+        id(asyncio.get_running_loop()),
+    )
+    sync_thread, had_loop = queue.deserialize_result(sync_result)
+    assert sync_thread != threading.get_ident()
+    assert had_loop is False
+
+
+async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: Worker) -> None:
+    failing = [await queue.enqueue(explode, f"bad-{n}") for n in range(3)]
+    for task_id in failing:
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and result.status == "failed"
+    ok_id = await queue.enqueue(add, 1, 1)
+    result = await queue.get_result(ok_id, timeout=10)
+    assert result is not None and queue.deserialize_result(result) == 2
+    assert worker._main is not None and not worker._main.done()
+
+
+@pytest.mark.parametrize("func", [async_busy, sync_busy], ids=["async", "sync"])
+async def test_max_concurrency_bounds_concurrent_runs(
+    queue: TaskQueue, backend: Backend, func: Callable[[float], Any]
+) -> None:
+    ids = [await queue.enqueue(func, 0.05) for _ in range(9)]
+    w = Worker(backend, max_concurrency=3, poll_interval=0.2)
+    async with asyncio.timeout(30):
+        processed = await w.serve(burst=True)
+    assert processed == 9
+    assert STATE.max_running == 3  # never more than 3, and the 3 slots were used
+    assert STATE.running == 0
+    for task_id in ids:
+        result = await queue.get_result(task_id, timeout=0)
+        assert result is not None and result.status == "success"
+
+
+async def test_burst_mode_drains_due_tasks_and_returns(queue: TaskQueue, backend: Backend) -> None:
+    ids = [await queue.enqueue(add, n, n) for n in range(6)]
+    later = await queue.enqueue(add, 0, 0, delay=3600)
+    w = Worker(backend, max_concurrency=2, poll_interval=30)
+    async with asyncio.timeout(30):
+        assert await w.serve(burst=True) == 6
+    for n, task_id in enumerate(ids):
+        result = await queue.get_result(task_id, timeout=0)
+        assert result is not None and queue.deserialize_result(result) == 2 * n
+    task = await queue.get_task(later)
+    assert task is not None and task.status is TaskStatus.PENDING
+    # Nothing due: a second burst returns at once, with nothing processed.
+    async with asyncio.timeout(10):
+        assert await w.serve(burst=True) == 0
+
+
+async def test_stop_lets_the_running_task_finish(queue: TaskQueue, backend: Backend) -> None:
+    w = Worker(backend, poll_interval=0.2)
+    await w.start()
+    task_id = await queue.enqueue(wait_for_gate, "slow")
+    await wait_until(lambda: "slow" in STATE.started)
+    stopping = asyncio.create_task(w.stop())
+    # stop() must wait for the task: it cannot return while the task is blocked.
+    await wait_until(lambda: w._stopping)
+    assert not stopping.done()
+    assert "slow" not in STATE.finished
+    STATE.gate.set()
+    async with asyncio.timeout(10):
+        await stopping
+    assert "slow" in STATE.finished
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "success"
+    assert queue.deserialize_result(result) == "slow"
+
+
+async def test_stopped_worker_claims_nothing_more(queue: TaskQueue, backend: Backend) -> None:
+    w = Worker(backend, poll_interval=0.2)
+    await w.start()
+    await w.stop()
+    task_id = await queue.enqueue(add, 1, 1)
+    with pytest.raises(TimeoutError):
+        await queue.get_result(task_id, timeout=0.3)
+
+
+# -- the sync client -----------------------------------------------------------------------
+
+
+def test_sync_task_queue_works_from_plain_code(
+    backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    backend = make_backend(backend_kind)
+    with SyncTaskQueue(backend) as client:
+        ok_id = client.enqueue(add, 40, 2)
+        bad_id = client.enqueue(explode, "sync-bad")
+        later_id = client.enqueue(add, 0, 0, delay=3600)
+        assert isinstance(ok_id, str)
+        pending = client.get_task(later_id)
+        assert isinstance(pending, Task) and pending.status is TaskStatus.PENDING
+        assert Worker(backend, max_concurrency=2, poll_interval=0.2).run(burst=True) == 2
+
+        result = client.get_result(ok_id, timeout=10)
+        assert isinstance(result, Result)
+        assert client.deserialize_result(result) == 42
+        failed = client.get_result(bad_id, timeout=10)
+        assert isinstance(failed, Result) and failed.status == "failed"
+        assert failed.error == "ValueError: sync-bad"
+        assert client.get_result("unknown") is None
+        with pytest.raises(TimeoutError):
+            client.get_result(later_id, timeout=0.1)
+
+        listed = client.list_tasks()
+        assert [t.id for t in listed] == [later_id, bad_id, ok_id]
+        assert all(isinstance(t, Task) for t in listed)
+        assert [t.id for t in client.list_tasks(status="success")] == [ok_id]
+        counts = client.counts()
+        assert (counts["success"], counts["failed"], counts["pending"]) == (1, 1, 1)
+        assert client.cancel(later_id) is True
+        assert client.cancel(later_id) is False
+        assert client.retry(later_id) is True
+        assert client.purge(statuses=["success"]) == 1
+
+
+async def test_sync_task_queue_refuses_to_block_a_running_loop(backend: Backend) -> None:
+    # Built where no loop runs (a plain thread), then misused inside this async test.
+    client = await asyncio.to_thread(SyncTaskQueue, backend)
+    try:
+        with pytest.raises(SyncClientError) as caught:
+            client.enqueue(add, 1, 2)
+        assert isinstance(caught.value, RuntimeError)
+        assert "event loop" in str(caught.value)
+        with pytest.raises(SyncClientError):
+            client.get_result("anything", timeout=1)
+        with pytest.raises(RuntimeError):
+            client.list_tasks()
+    finally:
+        await asyncio.to_thread(client.close)
+    assert await TaskQueue(backend).list_tasks() == []
+
+
+async def test_sync_task_queue_cannot_be_built_inside_a_running_loop(backend: Backend) -> None:
+    with pytest.raises(SyncClientError):
+        SyncTaskQueue(backend)
+
+
+# -- waking up on time -----------------------------------------------------------------------
+
+
+async def test_idle_worker_starts_a_task_enqueued_in_process_at_once(
+    queue: TaskQueue, backend: Backend
+) -> None:
+    clock = WatchedClock()
+    w = Worker(backend, poll_interval=30, clock=clock)
+    await w.start()
+    try:
+        # Wait until the worker is asleep, with 30 s to go before its next poll.
+        await wait_until(lambda: clock.sleeps)
+        assert clock.sleeps[-1] - datetime.now(UTC) > timedelta(seconds=20)
+        enqueued = time.monotonic()
+        task_id = await queue.enqueue(mark_start, "now")
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+        assert STATE.started["now"] - enqueued < 1.0
+    finally:
+        await w.stop()
+
+
+async def test_idle_worker_starts_an_eta_task_close_to_its_eta(
+    queue: TaskQueue, backend: Backend
+) -> None:
+    clock = WatchedClock()
+    w = Worker(backend, poll_interval=30, clock=clock)
+    await w.start()
+    try:
+        await wait_until(lambda: clock.sleeps)
+        eta = datetime.now(UTC) + timedelta(seconds=0.4)
+        task_id = await queue.enqueue(mark_start, "eta", eta=eta)
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+        lateness = (STATE.started_at["eta"] - eta).total_seconds()
+        assert 0 <= lateness < 0.5, f"started {lateness:+.3f} s after its eta"
+    finally:
+        await w.stop()
