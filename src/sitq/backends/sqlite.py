@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 #: How long a call keeps retrying while other processes hold the write lock.
 LOCK_PATIENCE_SECONDS = 30.0
+#: Outcomes recorded per statement (7 parameters each; SQLite allows 32,766).
+FINISH_BATCH = 500
 #: How often an open backend checks whether another process wrote to the file.
 WATCH_EVERY_SECONDS = 0.005
 #: How often (in the clock's microseconds) a claim also looks for expired leases.
@@ -432,6 +434,38 @@ class SQLiteBackend(Backend):
             self._insert(conn, [finish.next_run])
         return True
 
+    def _finish_plain(self, conn: sqlite3.Connection, finishes: Sequence[Finish]) -> set[str]:
+        """Record many outcomes without next runs; return the ids whose owner held them."""
+        recorded: set[str] = set()
+        for start in range(0, len(finishes), FINISH_BATCH):
+            chunk = finishes[start : start + FINISH_BATCH]
+            rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            params: list[Any] = []
+            for finish in chunk:
+                params += [
+                    finish.id,
+                    finish.owner,
+                    finish.status.value,
+                    to_micros(finish.now),
+                    finish.result,
+                    finish.error,
+                    finish.traceback,
+                ]
+            done = conn.execute(
+                "WITH outcome(id, owner, status, finished_at, result, error, traceback)"
+                f" AS (VALUES {rows})"
+                " UPDATE sitq_jobs SET status = outcome.status, owner = NULL,"
+                " lease_expires_at = NULL, finished_at = outcome.finished_at,"
+                " result = outcome.result, error = outcome.error,"
+                " traceback = outcome.traceback"
+                " FROM outcome WHERE sitq_jobs.id = outcome.id"
+                " AND sitq_jobs.owner = outcome.owner AND sitq_jobs.status = 'running'"
+                " RETURNING sitq_jobs.id",
+                params,
+            ).fetchall()
+            recorded.update(row[0] for row in done)
+        return recorded
+
     def _reschedule(self, conn: sqlite3.Connection, reschedule: Reschedule) -> bool:
         row = conn.execute(
             "UPDATE sitq_jobs SET"
@@ -467,8 +501,15 @@ class SQLiteBackend(Backend):
 
     async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
         def work(conn: sqlite3.Connection) -> Settled:
+            # Plain finishes (no next run to insert) are the hot path: one statement.
+            plain = [o for o in outcomes if isinstance(o, Finish) and o.next_run is None]
+            recorded = self._finish_plain(conn, plain)
             accepted = [
-                self._finish(conn, o) if isinstance(o, Finish) else self._reschedule(conn, o)
+                o.id in recorded
+                if isinstance(o, Finish) and o.next_run is None
+                else self._finish(conn, o)
+                if isinstance(o, Finish)
+                else self._reschedule(conn, o)
                 for o in outcomes
             ]
             claimed = self._claim(conn, claim) if claim is not None else []
