@@ -175,6 +175,17 @@ async def test_claim_order_is_priority_then_due_time(backend: Backend) -> None:
     assert one_by_one == expected
 
 
+async def test_claim_is_first_in_first_out_among_equals(backend: Backend) -> None:
+    # enqueue_many gives a batch one due time: their insertion order must decide.
+    names = [f"n{n:02d}-{uuid.uuid4().hex[:6]}" for n in range(30)]
+    await backend.enqueue([job(name) for name in reversed(names[:15])])
+    await backend.enqueue([job(name) for name in reversed(names[15:])])
+    expected = list(reversed(names[:15])) + list(reversed(names[15:]))
+    batch = [r.id for r in await backend.claim(claim_req(limit=10))]
+    one_by_one = [(await backend.claim(claim_req(limit=1)))[0].id for _ in range(20)]
+    assert batch + one_by_one == expected
+
+
 async def test_claim_batch_is_returned_in_priority_then_due_order(backend: Backend) -> None:
     await backend.enqueue(
         [
@@ -197,8 +208,7 @@ async def test_concurrent_claims_hand_each_job_to_one_owner(
         total = 40
         await backend.enqueue([job(f"j{n}") for n in range(total)])
         rounds = [
-            (backend if n % 2 == 0 else other).claim(claim_req(f"w{n}", limit=3))
-            for n in range(20)
+            (backend if n % 2 == 0 else other).claim(claim_req(f"w{n}", limit=3)) for n in range(20)
         ]
         results = await asyncio.gather(*rounds)
     finally:
@@ -320,9 +330,7 @@ async def test_finish_with_next_run_inserts_the_next_run(backend: Backend) -> No
         interval=every,
         series_id="run1",
     )
-    assert await backend.finish(
-        Finish("run1", "w1", TaskStatus.SUCCESS, at(1), next_run=following)
-    )
+    assert await backend.finish(Finish("run1", "w1", TaskStatus.SUCCESS, at(1), next_run=following))
     nxt = await get(backend, "run2")
     assert (nxt.status, nxt.available_at, nxt.series_id, nxt.interval) == (
         TaskStatus.PENDING,
@@ -351,9 +359,7 @@ async def test_finish_of_a_cancelled_series_inserts_no_next_run(backend: Backend
     await backend.claim(claim_req())
     assert await backend.cancel("run1", at(1))
     following = job("run2", due=60, interval=every)
-    assert await backend.finish(
-        Finish("run1", "w1", TaskStatus.SUCCESS, at(2), next_run=following)
-    )
+    assert await backend.finish(Finish("run1", "w1", TaskStatus.SUCCESS, at(2), next_run=following))
     assert await backend.get("run2") is None
     assert await backend.next_due("task", None) is None
 

@@ -13,15 +13,18 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from helpers import wait_until
 from sitq import (
+    BackendError,
     Result,
     ResultTimeoutError,
     SerializationError,
+    SQLiteBackend,
     SyncClientError,
     SyncTaskQueue,
     SystemClock,
@@ -300,8 +303,21 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
         assert result is not None and result.status == "failed"
     ok_id = await queue.enqueue(add, 1, 1)
     result = await queue.get_result(ok_id, timeout=10)
+    # The same worker, still serving, runs the next task.
     assert result is not None and queue.deserialize_result(result) == 2
-    assert worker._main is not None and not worker._main.done()
+
+
+async def test_an_unpicklable_return_value_fails_the_task_not_the_worker(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    bad_id = await queue.enqueue(threading.Lock)
+    result = await queue.get_result(bad_id, timeout=10)
+    assert result is not None and result.status == "failed"
+    assert result.error is not None and "SerializationError" in result.error
+    assert "pickle" in result.error
+    ok_id = await queue.enqueue(add, 2, 2)
+    result = await queue.get_result(ok_id, timeout=10)
+    assert result is not None and queue.deserialize_result(result) == 4
 
 
 @pytest.mark.parametrize("func", [async_busy, sync_busy], ids=["async", "sync"])
@@ -420,8 +436,20 @@ async def test_sync_task_queue_refuses_to_block_a_running_loop(backend: Backend)
 
 
 async def test_sync_task_queue_cannot_be_built_inside_a_running_loop(backend: Backend) -> None:
+    threads_before = {t.ident for t in threading.enumerate()}
     with pytest.raises(SyncClientError):
         SyncTaskQueue(backend)
+    # The refused client leaves no loop thread running behind it.
+    leaked = [t.name for t in threading.enumerate() if t.ident not in threads_before]
+    assert leaked == []
+
+
+def test_sync_task_queue_that_cannot_open_its_backend_leaves_no_thread(tmp_path: Path) -> None:
+    threads_before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(BackendError, match="no such directory"):
+        SyncTaskQueue(SQLiteBackend(tmp_path / "missing" / "sitq.db"))
+    leaked = [t.name for t in threading.enumerate() if t.ident not in threads_before]
+    assert leaked == []
 
 
 # -- waking up on time -----------------------------------------------------------------------
@@ -461,4 +489,49 @@ async def test_idle_worker_starts_an_eta_task_close_to_its_eta(
         lateness = (STATE.started_at["eta"] - eta).total_seconds()
         assert 0 <= lateness < 0.5, f"started {lateness:+.3f} s after its eta"
     finally:
+        await w.stop()
+
+
+async def test_busy_worker_with_a_free_slot_starts_an_eta_task_close_to_its_eta(
+    queue: TaskQueue, backend: Backend
+) -> None:
+    # One slot is taken by a long task; the other must still wake for the eta task
+    # instead of waiting for the 30 s poll.
+    clock = WatchedClock()
+    w = Worker(backend, max_concurrency=2, poll_interval=30, clock=clock)
+    await w.start()
+    try:
+        blocker = await queue.enqueue(wait_for_gate, "blocker")
+        await wait_until(lambda: "blocker" in STATE.started)
+        eta = datetime.now(UTC) + timedelta(seconds=0.4)
+        task_id = await queue.enqueue(mark_start, "eta", eta=eta)
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+        lateness = (STATE.started_at["eta"] - eta).total_seconds()
+        assert 0 <= lateness < 0.5, f"started {lateness:+.3f} s after its eta"
+        STATE.gate.set()
+        blocked = await queue.get_result(blocker, timeout=10)
+        assert blocked is not None and blocked.status == "success"
+    finally:
+        STATE.gate.set()
+        await w.stop()
+
+
+async def test_idle_worker_wakes_for_a_task_enqueued_from_another_thread(
+    backend: Backend,
+) -> None:
+    # The sync client runs its own loop in its own thread: the wake-up crosses loops.
+    clock = WatchedClock()
+    w = Worker(backend, poll_interval=30, clock=clock)
+    await w.start()
+    client = await asyncio.to_thread(SyncTaskQueue, backend)
+    try:
+        await wait_until(lambda: clock.sleeps)
+        enqueued = time.monotonic()
+        task_id = await asyncio.to_thread(client.enqueue, mark_start, "threaded")
+        result = await TaskQueue(backend).get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+        assert STATE.started["threaded"] - enqueued < 1.0
+    finally:
+        await asyncio.to_thread(client.close)
         await w.stop()

@@ -33,26 +33,25 @@ class SyncTaskQueue:
 
     def __init__(self, backend: Backend, *args: Any, **kwargs: Any) -> None:
         self._queue = TaskQueue(backend, *args, **kwargs)
+        # Refuse before starting the loop thread: raising after it started would leak
+        # a thread and an event loop per refused client.
+        _refuse_inside_a_running_loop()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sitq-sync-client", daemon=True
         )
         self._thread.start()
         self._closed = False
-        self._call(self._queue.backend.open)
+        try:
+            self._call(self._queue.backend.open)
+        except BaseException:
+            self._stop_loop()  # the backend cannot open: do not leave the thread behind
+            raise
 
     def _call(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise SyncClientError("this SyncTaskQueue is closed")
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise SyncClientError(
-                "SyncTaskQueue was called from inside a running event loop, where blocking "
-                "would freeze it; use `await TaskQueue(...)` methods there instead"
-            )
+        _refuse_inside_a_running_loop()
         future = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self._loop)
         return future.result()
 
@@ -74,10 +73,13 @@ class SyncTaskQueue:
         try:
             self._call(self._queue.close)
         finally:
-            self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     @property
     def queue(self) -> TaskQueue:
@@ -133,3 +135,14 @@ class SyncTaskQueue:
         statuses: Iterable[TaskStatus | str] = PURGEABLE,
     ) -> int:
         return self._call(self._queue.purge, older_than, list(statuses))
+
+
+def _refuse_inside_a_running_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise SyncClientError(
+        "SyncTaskQueue was called from inside a running event loop, where blocking "
+        "would freeze it; use `await TaskQueue(...)` methods there instead"
+    )

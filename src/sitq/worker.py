@@ -115,6 +115,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[int] | None = None
         self._last_prune = 0.0
+        self._last_claim: ClaimRequest | None = None
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -211,6 +212,7 @@ class Worker:
                     claim = ClaimRequest(
                         self.name, "task", free, self.lease, self.clock.now(), self.queues
                     )
+                    self._last_claim = claim
                 settled_any = bool(self._outcomes)
                 claimed = await self._settle(claim)
                 if claimed is None:  # storage failed; _settle logged it
@@ -259,7 +261,10 @@ class Worker:
         """Sleep until the poll interval, the next known due time or a wake-up."""
         now = self.clock.now()
         deadline = now + timedelta(seconds=self.poll_interval)
-        if not self._running:
+        # Any free slot must wake for the next due time, also while other tasks run:
+        # gating this on "nothing running" let an eta task start up to poll_interval
+        # late whenever a long task occupied another slot.
+        if len(self._running) < self.max_concurrency:
             try:
                 next_due = await self.backend.next_due("task", self.queues)
             except Exception:
@@ -267,15 +272,22 @@ class Worker:
                 logger.exception("could not read the next due time; will try again")
                 next_due = None
             if next_due is not None and next_due < deadline:
-                # A due job we could not claim (another worker took it) must not spin us.
-                deadline = max(next_due, now + timedelta(milliseconds=1))
+                # A due job we could not claim (another worker took it) must not spin us;
+                # one that only became due after our last claim is claimed at once (on a
+                # fake clock, "1 ms later" would never come).
+                tried = now if self._last_claim is None else self._last_claim.now
+                if next_due <= tried:
+                    deadline = max(next_due, now + timedelta(milliseconds=1))
+                else:
+                    deadline = next_due
         await self.clock.sleep_until(deadline, wake)
 
     async def _prune_if_due(self) -> None:
         if self.retention is None:
             return
-        moment = time.monotonic()
-        if moment - self._last_prune < PRUNE_EVERY.total_seconds():
+        # On the worker's clock, so tests can drive retention with a FakeClock.
+        moment = self.clock.now().timestamp()
+        if 0 <= moment - self._last_prune < PRUNE_EVERY.total_seconds():
             return
         self._last_prune = moment
         try:

@@ -21,8 +21,8 @@ Guarantees every implementation must keep (the conformance suite checks them):
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
@@ -130,6 +130,20 @@ class QueueStats:
     def pending(self) -> int:
         """Pending jobs that are due now (scheduled ones excluded)."""
         return self.counts.get(TaskStatus.PENDING, 0) - self.scheduled
+
+
+def stats_from_counts(
+    rows: Iterable[tuple[str, str, int, int | None, datetime | None]],
+) -> list[QueueStats]:
+    """Fold ``(queue, status, count, scheduled, oldest due pending)`` rows, as a
+    ``GROUP BY queue, status`` query returns them, into one ``QueueStats`` per queue."""
+    stats: dict[str, QueueStats] = {}
+    for queue, status, count, scheduled, oldest in rows:
+        current = stats.setdefault(queue, QueueStats(queue=queue))
+        current.counts[TaskStatus(status)] = count
+        if status == TaskStatus.PENDING.value:
+            stats[queue] = replace(current, scheduled=scheduled or 0, oldest_pending_at=oldest)
+    return [stats[name] for name in sorted(stats)]
 
 
 class Backend(abc.ABC):

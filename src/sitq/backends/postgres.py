@@ -338,27 +338,70 @@ class PostgresBackend(Backend):
         # Delivered at commit, so listeners never look before the write is visible.
         await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._token))
 
-    async def _insert(self, conn: Conn, jobs: Sequence[NewJob]) -> None:
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                self._sql.insert,
-                [
-                    (
-                        job.id,
-                        job.queue,
-                        job.kind,
-                        job.priority,
-                        job.payload,
-                        job.enqueued_at,
-                        job.available_at,
-                        job.max_attempts,
-                        job.max_deliveries,
-                        micros(job.interval),
-                        job.series_id,
-                    )
-                    for job in jobs
-                ],
+    def _insert_params(self, jobs: Sequence[NewJob]) -> tuple[str, dict[str, Any]]:
+        """How to insert ``jobs``: (shape, params), the shape being ``"one"`` (scalars),
+        ``"uniform"`` (jobs alike but for id, payload and times: arrays for those,
+        scalars for the rest) or
+        ``"many"`` (one array per column). See ``_INSERT_*`` in postgres_sql."""
+        params: dict[str, Any] = {"channel": self.channel, "token": self._token}
+        first = jobs[0]
+
+        def common(job: NewJob) -> tuple[Any, ...]:
+            return (
+                job.queue,
+                job.kind,
+                job.priority,
+                job.max_attempts,
+                job.max_deliveries,
+                job.interval,
+                job.series_id,
             )
+
+        shape = "one" if len(jobs) == 1 else "uniform"
+        if shape == "uniform":
+            head = common(first)
+            if any(common(job) != head for job in jobs):
+                shape = "many"
+        if shape == "many":
+            params.update(
+                id=[job.id for job in jobs],
+                queue=[job.queue for job in jobs],
+                kind=[job.kind for job in jobs],
+                priority=[job.priority for job in jobs],
+                payload=[job.payload for job in jobs],
+                enqueued_at=[job.enqueued_at for job in jobs],
+                available_at=[job.available_at for job in jobs],
+                max_attempts=[job.max_attempts for job in jobs],
+                max_deliveries=[job.max_deliveries for job in jobs],
+                interval_us=[micros(job.interval) for job in jobs],
+                series_id=[job.series_id for job in jobs],
+            )
+            return shape, params
+        one = shape == "one"
+        params.update(
+            id=first.id if one else [job.id for job in jobs],
+            payload=first.payload if one else [job.payload for job in jobs],
+            enqueued_at=first.enqueued_at if one else [job.enqueued_at for job in jobs],
+            available_at=first.available_at if one else [job.available_at for job in jobs],
+            queue=first.queue,
+            kind=first.kind,
+            priority=first.priority,
+            max_attempts=first.max_attempts,
+            max_deliveries=first.max_deliveries,
+            interval_us=micros(first.interval),
+            series_id=first.series_id,
+        )
+        return shape, params
+
+    async def _insert(self, conn: Conn, jobs: Sequence[NewJob]) -> None:
+        """Insert ``jobs`` (one statement) without announcing them."""
+        shape, params = self._insert_params(jobs)
+        statement = {
+            "one": self._sql.insert_one,
+            "uniform": self._sql.insert_uniform,
+            "many": self._sql.insert_many,
+        }[shape]
+        await conn.execute(statement, params)
 
     # -- the contract ----------------------------------------------------------------------
 
@@ -366,11 +409,19 @@ class PostgresBackend(Backend):
         if not jobs:
             return
 
-        async def work(conn: Conn) -> None:
-            await self._insert(conn, jobs)
-            await self._notify(conn)
+        # One statement in autocommit (insert + NOTIFY, see ``_ANNOUNCE``): one round
+        # trip, no BEGIN/COMMIT, whatever the number of jobs.
+        shape, params = self._insert_params(jobs)
+        statement = {
+            "one": self._sql.enqueue_one,
+            "uniform": self._sql.enqueue_uniform,
+            "many": self._sql.enqueue_many,
+        }[shape]
 
-        await self._transaction(work)
+        async def work(conn: Conn) -> None:
+            await conn.execute(statement, params)
+
+        await self._read(work)
         self.wakeup.notify()
 
     async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
@@ -401,7 +452,8 @@ class PostgresBackend(Backend):
         async def work(conn: Conn) -> list[ReservedTask]:
             return await self._claimed(await self._send_claim(conn, request))
 
-        return await self._transaction(work)
+        # One statement, atomic on its own: autocommit spares the BEGIN and COMMIT.
+        return await self._read(work)
 
     async def extend_leases(
         self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
@@ -416,7 +468,7 @@ class PostgresBackend(Backend):
             )
             return await cursor.fetchall()
 
-        rows = await self._transaction(work)
+        rows = await self._read(work)  # one statement: atomic in autocommit
         held = {row[0] for row in rows}
         return LeaseReport(
             lost=frozenset(set(ids) - held),
@@ -461,9 +513,12 @@ class PostgresBackend(Backend):
         order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
 
         async def work(conn: Conn) -> Settled:
-            # Pipelined: every statement is sent before any answer is read, so the
-            # whole turn (outcomes, NOTIFY, claim) costs one round trip, plus one more
-            # when a recurring task's next run must be inserted.
+            # Pipelined on an autocommit connection, with no BEGIN/COMMIT: everything
+            # is sent before any answer is read, and reading (a flush, not a Sync)
+            # leaves the statements in one implicit transaction that the Sync at the
+            # end of the pipeline commits (or rolls back, on an error). So the whole
+            # turn (outcomes, NOTIFY, claim) is atomic and costs one round trip, plus
+            # one more when a recurring task's next run must be inserted.
             async with conn.pipeline():
                 sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
                 if outcomes:
@@ -484,7 +539,7 @@ class PostgresBackend(Backend):
                     await self._insert(conn, next_runs)
             return Settled(accepted, claimed)
 
-        settled = await self._transaction(work)
+        settled = await self._read(work)
         if any(settled.accepted):
             self.wakeup.notify()
         return settled

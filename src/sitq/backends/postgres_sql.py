@@ -83,10 +83,54 @@ RESERVED_COLUMNS = (
     " j.seq"
 )
 
-_INSERT = (
-    "INSERT INTO {schema}.sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
-    " available_at, max_attempts, max_deliveries, interval_us, series_id)"
-    " VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)"
+_INSERT_COLUMNS = (
+    "id, queue, kind, status, priority, payload, enqueued_at, available_at, max_attempts,"
+    " max_deliveries, interval_us, series_id"
+)
+
+# One job: a plain VALUES row.
+_INSERT_ONE = (
+    "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
+    " VALUES (%(id)s, %(queue)s, %(kind)s, 'pending', %(priority)s, %(payload)s,"
+    " %(enqueued_at)s, %(available_at)s, %(max_attempts)s, %(max_deliveries)s,"
+    " %(interval_us)s, %(series_id)s)"
+)
+
+# Many jobs: one array per column, unnested into rows, so a batch is one statement
+# (one round trip, one plan) whatever its size. unnest keeps the arrays' order, so
+# jobs get their seq (the tie-break among equals) in the order given.
+_INSERT_MANY = (
+    "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
+    " SELECT id, queue, kind, 'pending', priority, payload, enqueued_at, available_at,"
+    " max_attempts, max_deliveries, interval_us, series_id"
+    " FROM unnest(%(id)b::text[], %(queue)s::text[], %(kind)s::text[],"
+    " %(priority)s::integer[], %(payload)b::bytea[], %(enqueued_at)b::timestamptz[],"
+    " %(available_at)b::timestamptz[], %(max_attempts)s::integer[],"
+    " %(max_deliveries)s::integer[], %(interval_us)s::bigint[], %(series_id)s::text[])"
+    " AS rows (id, queue, kind, priority, payload, enqueued_at, available_at,"
+    " max_attempts, max_deliveries, interval_us, series_id)"
+)
+
+# Many jobs that differ only in id, payload and times (the usual batch: one task, one
+# set of options): only those travel as arrays, in binary (cheap to encode); the rest
+# are single values.
+_INSERT_UNIFORM = (
+    "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
+    " SELECT id, %(queue)s, %(kind)s, 'pending', %(priority)s::integer, payload,"
+    " enqueued_at, available_at,"
+    " %(max_attempts)s::integer, %(max_deliveries)s::integer, %(interval_us)s::bigint,"
+    " %(series_id)s::text"
+    " FROM unnest(%(id)b::text[], %(payload)b::bytea[], %(enqueued_at)b::timestamptz[],"
+    " %(available_at)b::timestamptz[]) AS rows (id, payload, enqueued_at, available_at)"
+)
+
+# Insert and announce in ONE statement, so an enqueue in autocommit is one round trip.
+# A data-modifying CTE always runs to completion; the NOTIFY is queued only when it
+# inserted something, and (the statement being its own transaction) delivered at
+# commit: never for a failed insert, never before the rows are visible.
+_ANNOUNCE = (
+    "WITH inserted AS ({insert} RETURNING 1)"
+    " SELECT pg_notify(%(channel)s, %(token)s) WHERE EXISTS (SELECT FROM inserted)"
 )
 
 # One statement: lock due jobs and jobs whose lease ran out (a dead worker's), skipping
@@ -194,7 +238,12 @@ class Statements:
 
     schema: str
     migration_table: str
-    insert: str
+    insert_one: str
+    insert_many: str
+    insert_uniform: str
+    enqueue_one: str
+    enqueue_many: str
+    enqueue_uniform: str
     claim_all: str
     claim_queues: str
     extend: str
@@ -223,7 +272,12 @@ class Statements:
         return cls(
             schema=schema,
             migration_table=fill(MIGRATION_TABLE),
-            insert=fill(_INSERT),
+            insert_one=fill(_INSERT_ONE),
+            insert_many=fill(_INSERT_MANY),
+            enqueue_one=fill(_ANNOUNCE.replace("{insert}", _INSERT_ONE)),
+            enqueue_many=fill(_ANNOUNCE.replace("{insert}", _INSERT_MANY)),
+            insert_uniform=fill(_INSERT_UNIFORM),
+            enqueue_uniform=fill(_ANNOUNCE.replace("{insert}", _INSERT_UNIFORM)),
             claim_all=fill(_CLAIM, queue_filter="", reserved=RESERVED_COLUMNS),
             claim_queues=fill(_CLAIM, queue_filter=queue_filter, reserved=RESERVED_COLUMNS),
             extend=fill(_EXTEND),

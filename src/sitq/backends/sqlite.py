@@ -39,6 +39,7 @@ from sitq.backends.base import (
     Reschedule,
     Settled,
     TaskQuery,
+    stats_from_counts,
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, ValidationError
@@ -598,18 +599,10 @@ class SQLiteBackend(Backend):
                 (moment, moment),
             ).fetchall()
         )
-        stats: dict[str, QueueStats] = {}
-        for queue, status, count, scheduled, oldest in rows:
-            current = stats.setdefault(queue, QueueStats(queue=queue))
-            current.counts[TaskStatus(status)] = count
-            if status == TaskStatus.PENDING.value:
-                stats[queue] = QueueStats(
-                    queue=queue,
-                    counts=current.counts,
-                    scheduled=scheduled or 0,
-                    oldest_pending_at=_maybe_time(oldest),
-                )
-        return list(stats.values())
+        return stats_from_counts(
+            (queue, status, count, scheduled, _maybe_time(oldest))
+            for queue, status, count, scheduled, oldest in rows
+        )
 
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
         queue_filter = ""

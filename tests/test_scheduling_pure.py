@@ -1,0 +1,241 @@
+"""The pure time arithmetic of ``sitq.scheduling``: no I/O, no clock, no waiting."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+
+import pytest
+
+from sitq import RetryPolicy, ValidationError
+from sitq.scheduling import (
+    due_time,
+    interval_from,
+    next_interval_run,
+    require_aware_utc,
+    seconds_from,
+)
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+# -- due_time ------------------------------------------------------------------------------
+
+
+def test_due_time_defaults_to_now() -> None:
+    assert due_time(NOW) == NOW
+
+
+def test_due_time_with_delay_in_seconds_or_timedelta() -> None:
+    assert due_time(NOW, delay=90) == NOW + timedelta(seconds=90)
+    assert due_time(NOW, delay=1.5) == NOW + timedelta(seconds=1.5)
+    assert due_time(NOW, delay=timedelta(minutes=2)) == NOW + timedelta(minutes=2)
+    assert due_time(NOW, delay=0) == NOW
+
+
+def test_due_time_with_eta_converts_to_utc() -> None:
+    minus_seven = timezone(timedelta(hours=-7))
+    eta = datetime(2030, 1, 1, 8, 30, tzinfo=minus_seven)
+    due = due_time(NOW, eta=eta)
+    assert due == eta
+    assert due.tzinfo is UTC
+    assert (due.hour, due.minute) == (15, 30)
+
+
+def test_due_time_allows_a_past_eta() -> None:
+    past = NOW - timedelta(days=3)
+    assert due_time(NOW, eta=past) == past
+
+
+def test_due_time_rejects_a_naive_eta_naming_it() -> None:
+    with pytest.raises(ValueError, match="eta") as caught:
+        due_time(NOW, eta=datetime(2030, 1, 1))
+    assert isinstance(caught.value, ValidationError)
+    assert "timezone-aware" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("eta", "delay", "words"),
+    [
+        (NOW, 5, "either eta or delay"),
+        ("2030-01-01T00:00:00Z", None, "eta must be a datetime"),
+        (None, -1, "delay must not be negative"),
+        (None, float("nan"), "delay must be a finite"),
+        (None, float("inf"), "delay must be a finite"),
+        (None, "5", "delay must be seconds"),
+        (None, True, "delay must be seconds"),
+        (None, timedelta(seconds=-1), "delay must not be negative"),
+    ],
+)
+def test_due_time_validation_errors(eta: object, delay: object, words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        due_time(NOW, eta=eta, delay=delay)
+
+
+def test_require_aware_utc_rejects_a_tzinfo_without_offset() -> None:
+    class NoOffset(tzinfo):
+        def utcoffset(self, dt: datetime | None) -> None:
+            return None
+
+        def dst(self, dt: datetime | None) -> None:
+            return None
+
+        def tzname(self, dt: datetime | None) -> None:
+            return None
+
+    with pytest.raises(ValidationError, match="when"):
+        require_aware_utc(datetime(2030, 1, 1, tzinfo=NoOffset()), "when")
+
+
+def test_seconds_from_names_the_parameter() -> None:
+    assert seconds_from(2, "grace") == timedelta(seconds=2)
+    with pytest.raises(ValidationError, match="grace"):
+        seconds_from(-2, "grace")
+
+
+# -- interval_from -------------------------------------------------------------------------
+
+
+def test_interval_from_timedelta_and_int_milliseconds() -> None:
+    assert interval_from(None) is None
+    assert interval_from(timedelta(seconds=5)) == timedelta(seconds=5)
+    assert interval_from(1500) == timedelta(milliseconds=1500)
+    assert interval_from(1) == timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (0, "must be positive"),
+        (-10, "must be positive"),
+        (timedelta(0), "must be positive"),
+        (timedelta(seconds=-1), "must be positive"),
+        (1.5, "int of milliseconds"),
+        (True, "int of milliseconds"),
+        ("1000", "int of milliseconds"),
+    ],
+)
+def test_interval_from_validation_errors(value: object, words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        interval_from(value)
+
+
+# -- next_interval_run ---------------------------------------------------------------------
+
+EVERY = timedelta(minutes=10)
+
+
+def test_next_run_is_one_interval_after_the_scheduled_time_not_after_now() -> None:
+    # The run was due at 12:00 and finished at 12:03: the next is at 12:10, not 12:13.
+    assert next_interval_run(NOW, EVERY, NOW + timedelta(minutes=3)) == NOW + EVERY
+
+
+def test_next_run_when_finished_early_or_exactly_on_time() -> None:
+    assert next_interval_run(NOW, EVERY, NOW) == NOW + EVERY
+    # A clock slightly behind the scheduled time still moves the series forward.
+    assert next_interval_run(NOW, EVERY, NOW - timedelta(seconds=5)) == NOW + EVERY
+
+
+def test_next_run_stays_on_the_grid_and_skips_missed_slots() -> None:
+    # 35 minutes late: slots 12:10, 12:20 and 12:30 were missed. The next run is the
+    # latest slot already passed (12:30, due at once); the others are not piled up.
+    late = NOW + timedelta(minutes=35)
+    nxt = next_interval_run(NOW, EVERY, late)
+    assert nxt == NOW + 3 * EVERY
+    assert nxt <= late
+    # Its own next run then returns to the future, still on the grid.
+    assert next_interval_run(nxt, EVERY, late) == NOW + 4 * EVERY
+
+
+def test_next_run_exactly_on_a_later_slot() -> None:
+    assert next_interval_run(NOW, EVERY, NOW + 2 * EVERY) == NOW + 2 * EVERY
+
+
+def test_next_run_never_drifts_over_many_runs() -> None:
+    scheduled = NOW
+    for n in range(1, 101):
+        # Each run takes a little time; the schedule must not absorb it.
+        finished = scheduled + timedelta(seconds=7)
+        scheduled = next_interval_run(scheduled, EVERY, finished)
+        assert scheduled == NOW + n * EVERY
+
+
+def test_next_run_with_sub_second_interval() -> None:
+    every = timedelta(milliseconds=250)
+    assert next_interval_run(NOW, every, NOW + timedelta(milliseconds=100)) == NOW + every
+
+
+# -- RetryPolicy ---------------------------------------------------------------------------
+
+
+def test_retry_delay_grows_exponentially_without_jitter() -> None:
+    policy = RetryPolicy(max_retries=10, backoff=1.0, factor=2.0, max_backoff=1000, jitter=False)
+    assert [policy.delay_for(n) for n in range(1, 7)] == [1, 2, 4, 8, 16, 32]
+    assert policy.max_attempts == 11
+
+
+def test_retry_delay_with_another_factor_and_base() -> None:
+    policy = RetryPolicy(max_retries=3, backoff=0.5, factor=3.0, jitter=False)
+    assert [policy.delay_for(n) for n in (1, 2, 3)] == [0.5, 1.5, 4.5]
+
+
+def test_retry_delay_is_capped_at_max_backoff() -> None:
+    policy = RetryPolicy(max_retries=100, backoff=1.0, factor=2.0, max_backoff=60, jitter=False)
+    assert policy.delay_for(6) == 32
+    assert policy.delay_for(7) == 60
+    assert policy.delay_for(50) == 60
+    # A huge attempt count neither overflows nor takes long.
+    assert policy.delay_for(10**6) == 60
+
+
+def test_retry_delay_for_attempt_zero_or_below_is_the_base() -> None:
+    policy = RetryPolicy(max_retries=1, backoff=3.0, jitter=False)
+    assert policy.delay_for(0) == 3.0
+    assert policy.delay_for(1) == 3.0
+
+
+def test_factor_one_is_a_constant_delay() -> None:
+    policy = RetryPolicy(max_retries=5, backoff=2.0, factor=1.0, jitter=False)
+    assert {policy.delay_for(n) for n in range(1, 6)} == {2.0}
+
+
+def test_retry_jitter_stays_in_the_upper_half_of_the_delay() -> None:
+    policy = RetryPolicy(max_retries=10, backoff=1.0, factor=2.0, max_backoff=20, jitter=True)
+    rng = random.Random(1234)
+    for attempt, full in [(1, 1.0), (3, 4.0), (5, 16.0), (8, 20.0)]:
+        samples = [policy.delay_for(attempt, rng) for _ in range(200)]
+        assert all(full / 2 <= s <= full for s in samples), (attempt, min(samples), max(samples))
+        # Jitter actually spreads the retries out.
+        assert max(samples) - min(samples) > full / 4
+
+
+def test_retry_jitter_is_reproducible_with_a_seeded_rng() -> None:
+    policy = RetryPolicy(max_retries=3, backoff=2.0)
+    first = [policy.delay_for(2, random.Random(7)) for _ in range(3)]
+    assert len(set(first)) == 1
+
+
+def test_zero_backoff_means_retry_at_once_even_with_jitter() -> None:
+    policy = RetryPolicy(max_retries=3, backoff=0, jitter=True)
+    assert policy.delay_for(1) == 0
+    assert policy.delay_for(3) == 0
+
+
+def test_default_policy_does_not_retry() -> None:
+    assert RetryPolicy().max_retries == 0
+    assert RetryPolicy().max_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"max_retries": 1.5}, "max_retries must be an int"),
+        ({"max_retries": True}, "max_retries must be an int"),
+        ({"backoff": -0.1}, "backoff and max_backoff must be >= 0"),
+        ({"max_backoff": -1}, "backoff and max_backoff must be >= 0"),
+        ({"factor": 0.5}, "factor must be >= 1"),
+    ],
+)
+def test_retry_policy_validation_errors(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
