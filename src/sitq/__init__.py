@@ -11,6 +11,7 @@ from sitq.clock import Clock, FakeClock, SystemClock
 from sitq.core import Message, ReservedTask, Result, Task, TaskStatus
 from sitq.errors import (
     BackendError,
+    LeaseLostError,
     ResultTimeoutError,
     Retry,
     SerializationError,
@@ -21,7 +22,7 @@ from sitq.errors import (
     ValidationError,
     WorkerError,
 )
-from sitq.messages import Consumer, LeaseLostError, Producer
+from sitq.messages import Consumer, Producer
 from sitq.metrics import QueueMetrics
 from sitq.queue import TaskQueue
 from sitq.scheduling import RetryPolicy

@@ -27,6 +27,11 @@ class TaskNotFoundError(SitqError, LookupError):
     """No task or message has the given id."""
 
 
+class LeaseLostError(SitqError):
+    """The consumer no longer holds the message: its visibility timeout ran out and
+    another consumer dequeued it, or it was archived, released or deleted."""
+
+
 class ResultTimeoutError(SitqError, TimeoutError):
     """``get_result(timeout=...)`` gave up before the task finished."""
 

@@ -48,10 +48,15 @@ from sitq.backends.base import (
 )
 from sitq.clock import SYSTEM_CLOCK, Clock
 from sitq.core import JobKind, Message, ReservedTask, Task, TaskStatus
-from sitq.errors import SerializationError, SitqError, TaskNotFoundError, ValidationError
+from sitq.errors import (
+    LeaseLostError,
+    SerializationError,
+    TaskNotFoundError,
+    ValidationError,
+)
 from sitq.json_payload import JSON, encode_payload
 from sitq.metrics import QueueMetrics, metrics_of
-from sitq.queue import _queue_name, new_id
+from sitq.queue import new_id, queue_name
 from sitq.scheduling import seconds_from
 
 logger = logging.getLogger("sitq.messages")
@@ -65,11 +70,6 @@ _KIND: JobKind = "message"
 Handler = Callable[[Message], Any]
 
 
-class LeaseLostError(SitqError):
-    """The consumer no longer holds the message: its visibility timeout ran out and
-    another consumer dequeued it, or it was archived, released or deleted."""
-
-
 # -- shared plumbing -----------------------------------------------------------------
 
 
@@ -80,7 +80,7 @@ class _Client:
         if not isinstance(backend, Backend):
             raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
         self.backend = backend
-        self.queue = _queue_name(queue)
+        self.queue = queue_name(queue)
         self.clock = clock or SYSTEM_CLOCK
         self._opened = False
 

@@ -74,7 +74,7 @@ class TaskQueue:
             raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
         self.backend = backend
         self.serializer = serializer or DEFAULT_SERIALIZER
-        self.default_queue = _queue_name(default_queue)
+        self.default_queue = queue_name(default_queue)
         self.retry_policy = retry or RetryPolicy()
         self.queue_retry = dict(queue_retry or {})
         self.clock = clock or SYSTEM_CLOCK
@@ -181,10 +181,10 @@ class TaskQueue:
         retry: RetryPolicy | None,
         timeout: object,
     ) -> _Options:
-        queue_name = self.default_queue if queue is None else _queue_name(queue)
+        chosen = self.default_queue if queue is None else queue_name(queue)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValidationError(f"priority must be an int, got {priority!r}")
-        policy = retry or self.queue_retry.get(queue_name, self.retry_policy)
+        policy = retry or self.queue_retry.get(chosen, self.retry_policy)
         if max_retries is not None:
             if isinstance(max_retries, bool) or not isinstance(max_retries, int):
                 raise ValidationError(f"max_retries must be an int, got {max_retries!r}")
@@ -199,7 +199,7 @@ class TaskQueue:
         return _Options(
             available_at=due_time(self.clock.now(), eta, delay),
             interval=interval_from(interval),
-            queue=queue_name,
+            queue=chosen,
             priority=priority,
             retry=policy,
             timeout=seconds,
@@ -359,7 +359,7 @@ def _status(value: TaskStatus | str | None) -> TaskStatus | None:
         raise ValidationError(f"unknown status {value!r}; expected one of {names}") from None
 
 
-def _queue_name(name: object) -> str:
+def queue_name(name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 200:
         raise ValidationError(f"queue must be a non-empty string of at most 200 chars: {name!r}")
     return name

@@ -64,6 +64,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sitq_jobs_series ON {schema}.sitq_jobs (series_id)
         WHERE series_id IS NOT NULL;
     """,
+    """
+    -- sitq_jobs_pending_at made claims fragile: with stale statistics (right after a
+    -- bulk insert of scheduled jobs, say) the planner picked it for the claim's
+    -- available_at <= now and sorted every due job, instead of walking sitq_jobs_due
+    -- in order and stopping at LIMIT. Without it the ordered walk is the only index
+    -- path; next_due is served from sitq_jobs_due (one probe per priority level).
+    DROP INDEX IF EXISTS {schema}.sitq_jobs_pending_at;
+    """,
 )
 
 MIGRATION_TABLE = """
@@ -224,6 +232,29 @@ WHERE id = %(id)s AND status IN ('failed', 'dead', 'cancelled')
 RETURNING id
 """
 
+# The earliest due time among pending jobs, from sitq_jobs_due (kind, priority DESC,
+# available_at, seq): a loose index scan visits each priority level present (a
+# recursive probe for the next lower one), takes that level's first due time (an
+# index probe), and keeps the smallest. Cheap however many jobs are pending, as long
+# as the distinct priorities are few.
+_NEXT_DUE = """
+WITH RECURSIVE levels (priority) AS (
+    (SELECT priority FROM {schema}.sitq_jobs
+     WHERE status = 'pending' AND kind = %(kind)s
+     ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.priority FROM {schema}.sitq_jobs AS j
+            WHERE j.status = 'pending' AND j.kind = %(kind)s AND j.priority < levels.priority
+            ORDER BY j.priority DESC LIMIT 1)
+    FROM levels WHERE levels.priority IS NOT NULL
+)
+SELECT min((SELECT j.available_at FROM {schema}.sitq_jobs AS j
+            WHERE j.status = 'pending' AND j.kind = %(kind)s
+                  AND j.priority = levels.priority{queue_filter}
+            ORDER BY j.available_at LIMIT 1))
+FROM levels WHERE levels.priority IS NOT NULL
+"""
+
 _QUEUE_STATS = """
 SELECT queue, status, count(*),
     count(*) FILTER (WHERE status = 'pending' AND available_at > %(now)s),
@@ -289,14 +320,8 @@ class Statements:
             get=f"SELECT {TASK_COLUMNS} FROM {table} WHERE id = %(id)s",
             list_prefix=f"SELECT {TASK_COLUMNS} FROM {table}",
             queue_stats=fill(_QUEUE_STATS),
-            next_due_all=(
-                f"SELECT min(available_at) FROM {table}"
-                " WHERE status = 'pending' AND kind = %(kind)s"
-            ),
-            next_due_queues=(
-                f"SELECT min(available_at) FROM {table}"
-                f" WHERE status = 'pending' AND kind = %(kind)s{queue_filter}"
-            ),
+            next_due_all=fill(_NEXT_DUE, queue_filter=""),
+            next_due_queues=fill(_NEXT_DUE, queue_filter=" AND j.queue = ANY(%(queues)s)"),
             purge=(
                 f"DELETE FROM {table} WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
             ),
