@@ -146,6 +146,7 @@ class MemoryBackend(Backend):
             lease_expires_at=row.lease_expires_at,
             interval=job.interval,
             series_id=job.series_id,
+            scheduled_at=job.available_at,
         )
 
     def _held(self, job_id: str, owner: str) -> _Row | None:

@@ -93,6 +93,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sitq_jobs_finished ON sitq_jobs (finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX sitq_jobs_series ON sitq_jobs (series_id) WHERE series_id IS NOT NULL;
     """,
+    # The slot a recurring run was due at, kept when a retry moves available_at.
+    "ALTER TABLE sitq_jobs ADD COLUMN scheduled_at INTEGER",
 )
 
 _TASK_COLUMNS = (
@@ -101,7 +103,8 @@ _TASK_COLUMNS = (
 )
 _RESERVED_COLUMNS = (
     "id, queue, kind, payload, priority, attempts, max_attempts, available_at, enqueued_at,"
-    " lease_expires_at, interval_us, series_id, max_deliveries"
+    " lease_expires_at, interval_us, series_id, max_deliveries,"
+    " coalesce(scheduled_at, available_at)"
 )
 
 # One registry per process so every backend object on the same file shares wake-ups.
@@ -317,14 +320,15 @@ class SQLiteBackend(Backend):
             lease_expires_at=from_micros(row[9]),
             interval=None if interval_us is None else timedelta(microseconds=interval_us),
             series_id=row[11],
+            scheduled_at=from_micros(row[13]),
         )
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
         conn.executemany(
             "INSERT INTO sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
-            " available_at, max_attempts, max_deliveries, interval_us, series_id)"
-            " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+            " available_at, max_attempts, max_deliveries, interval_us, series_id,"
+            " scheduled_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?7)",
             [
                 (
                     job.id,
@@ -541,7 +545,8 @@ class SQLiteBackend(Backend):
     async def requeue(self, job_id: str, now: datetime) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "UPDATE sitq_jobs SET status = 'pending', available_at = ?, attempts = 0,"
+                "UPDATE sitq_jobs SET status = 'pending', available_at = ?1, attempts = 0,"
+                " scheduled_at = ?1,"
                 " finished_at = NULL, error = NULL, traceback = NULL, result = NULL,"
                 " cancel_requested = 0"
                 " WHERE id = ? AND status IN ('failed', 'dead', 'cancelled') RETURNING id",
