@@ -486,11 +486,6 @@ async def test_cancelling_a_running_sync_run_stops_the_series(
     assert state.log == ["run"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue: a retried interval run schedules the next slot from its retry "
-    "time (ReservedTask.available_at), not from its slot; the slot is not stored",
-)
 async def test_a_retried_interval_run_keeps_the_grid(
     backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
 ) -> None:

@@ -481,7 +481,8 @@ class Worker:
             except Exception:
                 logger.exception("could not renew leases; will try again")
                 continue
-            for job_id in report.lost:
+            # A task that finished while the renewal was in flight is not lost.
+            for job_id in report.lost & self._running.keys():
                 logger.warning("lost the lease of task %s to another worker", job_id)
             for job_id in report.cancel_requested:
                 running = self._running.get(job_id)

@@ -72,6 +72,9 @@ MIGRATIONS: tuple[str, ...] = (
     -- path; next_due is served from sitq_jobs_due (one probe per priority level).
     DROP INDEX IF EXISTS {schema}.sitq_jobs_pending_at;
     """,
+    # The slot a recurring run was due at, kept when a retry moves available_at
+    # (NULL, in rows from before: the same as available_at).
+    "ALTER TABLE {schema}.sitq_jobs ADD COLUMN scheduled_at timestamptz",
 )
 
 MIGRATION_TABLE = """
@@ -88,12 +91,12 @@ TASK_COLUMNS = (
 RESERVED_COLUMNS = (
     "j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts,"
     " j.available_at, j.enqueued_at, j.lease_expires_at, j.interval_us, j.series_id, j.status,"
-    " j.seq"
+    " j.seq, coalesce(j.scheduled_at, j.available_at)"
 )
 
 _INSERT_COLUMNS = (
     "id, queue, kind, status, priority, payload, enqueued_at, available_at, max_attempts,"
-    " max_deliveries, interval_us, series_id"
+    " max_deliveries, interval_us, series_id, scheduled_at"
 )
 
 # One job: a plain VALUES row.
@@ -101,7 +104,7 @@ _INSERT_ONE = (
     "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
     " VALUES (%(id)s, %(queue)s, %(kind)s, 'pending', %(priority)s, %(payload)s,"
     " %(enqueued_at)s, %(available_at)s, %(max_attempts)s, %(max_deliveries)s,"
-    " %(interval_us)s, %(series_id)s)"
+    " %(interval_us)s, %(series_id)s, %(available_at)s)"
 )
 
 # Many jobs: one array per column, unnested into rows, so a batch is one statement
@@ -110,7 +113,7 @@ _INSERT_ONE = (
 _INSERT_MANY = (
     "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
     " SELECT id, queue, kind, 'pending', priority, payload, enqueued_at, available_at,"
-    " max_attempts, max_deliveries, interval_us, series_id"
+    " max_attempts, max_deliveries, interval_us, series_id, available_at"
     " FROM unnest(%(id)b::text[], %(queue)s::text[], %(kind)s::text[],"
     " %(priority)s::integer[], %(payload)b::bytea[], %(enqueued_at)b::timestamptz[],"
     " %(available_at)b::timestamptz[], %(max_attempts)s::integer[],"
@@ -127,7 +130,7 @@ _INSERT_UNIFORM = (
     " SELECT id, %(queue)s, %(kind)s, 'pending', %(priority)s::integer, payload,"
     " enqueued_at, available_at,"
     " %(max_attempts)s::integer, %(max_deliveries)s::integer, %(interval_us)s::bigint,"
-    " %(series_id)s::text"
+    " %(series_id)s::text, available_at"
     " FROM unnest(%(id)b::text[], %(payload)b::bytea[], %(enqueued_at)b::timestamptz[],"
     " %(available_at)b::timestamptz[]) AS rows (id, payload, enqueued_at, available_at)"
 )
@@ -146,13 +149,35 @@ _ANNOUNCE = (
 # more than ``max_deliveries`` times turns 'dead' instead of being handed out again.
 # Among equals, the first enqueued goes first.
 # The two candidate sets are selected separately so each uses its own partial index.
+#
+# Due jobs are found level by level: ``levels`` lists the priorities present among
+# pending jobs (a loose scan of sitq_jobs_due, one probe per level), and within a
+# level, jobs sit in sitq_jobs_due by due time, so "due now, earliest first" is a
+# bounded range that stops at the first job not yet due. Each step is an ordered
+# index probe with a LIMIT, a shape no statistics (stale after a bulk insert, or
+# saying nothing is due) can make the planner trade for a sort of every due job or a
+# scan of the scheduled backlog. Up to ``limit`` jobs per level are locked, the best
+# ``limit`` overall kept; the others are released at commit.
 _CLAIM = """
-WITH due AS (
-    SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
-    WHERE status = 'pending' AND kind = %(kind)s AND available_at <= %(now)s{queue_filter}
-    ORDER BY priority DESC, available_at, seq
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+WITH RECURSIVE levels (priority) AS (
+    (SELECT priority FROM {schema}.sitq_jobs
+     WHERE status = 'pending' AND kind = %(kind)s
+     ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT l.priority FROM {schema}.sitq_jobs AS l
+            WHERE l.status = 'pending' AND l.kind = %(kind)s AND l.priority < levels.priority
+            ORDER BY l.priority DESC LIMIT 1)
+    FROM levels WHERE levels.priority IS NOT NULL
+), due AS (
+    SELECT level_due.* FROM levels CROSS JOIN LATERAL (
+        SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
+        WHERE status = 'pending' AND kind = %(kind)s AND priority = levels.priority
+              AND available_at <= %(now)s{queue_filter}
+        ORDER BY available_at, seq
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS level_due
+    WHERE levels.priority IS NOT NULL
 ), expired AS (
     SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
     WHERE status = 'running' AND kind = %(kind)s AND lease_expires_at <= %(now)s{queue_filter}
@@ -182,7 +207,9 @@ UPDATE {schema}.sitq_jobs AS j SET
     started_at = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
                       THEN j.started_at ELSE %(now)s END,
     cancel_requested = false
-FROM picked WHERE j.id = picked.id
+-- An array of ids, not a join: always primary-key probes, even in a generic plan
+-- (which cannot know how few rows LIMIT leaves, and might hash-join the table).
+WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING {reserved}
 """
 
@@ -225,7 +252,8 @@ RETURNING id
 """
 
 _REQUEUE = """
-UPDATE {schema}.sitq_jobs SET status = 'pending', available_at = %(now)s, attempts = 0,
+UPDATE {schema}.sitq_jobs SET status = 'pending', available_at = %(now)s,
+    scheduled_at = %(now)s, attempts = 0,
     finished_at = NULL, error = NULL, traceback = NULL, result = NULL,
     cancel_requested = false
 WHERE id = %(id)s AND status IN ('failed', 'dead', 'cancelled')
@@ -389,4 +417,5 @@ def reserved_from_row(row: Sequence[Any]) -> ReservedTask:
         lease_expires_at=utc_required(row[9]),
         interval=interval_from(row[10]),
         series_id=row[11],
+        scheduled_at=utc_required(row[14]),
     )
