@@ -21,9 +21,10 @@ Guarantees every implementation must keep (the conformance suite checks them):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.wakeup import Wakeup
@@ -130,6 +131,31 @@ class QueueStats:
     def pending(self) -> int:
         """Pending jobs that are due now (scheduled ones excluded)."""
         return self.counts.get(TaskStatus.PENDING, 0) - self.scheduled
+
+
+def task_from_row(row: Sequence[Any], moment: Callable[[Any], datetime]) -> Task:
+    """A ``Task`` from the columns the SQL backends select for it, in this order: id,
+    queue, kind, status, priority, attempts, max_attempts, enqueued_at, available_at,
+    started_at, finished_at, interval (microseconds), series_id, error, traceback,
+    result. ``moment`` turns a stored time into an aware UTC datetime."""
+    return Task(
+        id=row[0],
+        queue=row[1],
+        kind=row[2],
+        status=TaskStatus(row[3]),
+        priority=row[4],
+        attempts=row[5],
+        max_attempts=row[6],
+        enqueued_at=moment(row[7]),
+        available_at=moment(row[8]),
+        started_at=None if row[9] is None else moment(row[9]),
+        finished_at=None if row[10] is None else moment(row[10]),
+        interval=None if row[11] is None else timedelta(microseconds=row[11]),
+        series_id=row[12],
+        error=row[13],
+        traceback=row[14],
+        result=None if row[15] is None else bytes(row[15]),
+    )
 
 
 def stats_from_counts(

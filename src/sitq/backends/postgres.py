@@ -53,6 +53,8 @@ from sitq.backends.base import (
     Reschedule,
     Settled,
     TaskQuery,
+    stats_from_counts,
+    task_from_row,
 )
 from sitq.backends.postgres_listen import listen
 from sitq.backends.postgres_sql import (
@@ -61,8 +63,8 @@ from sitq.backends.postgres_sql import (
     claim_order,
     micros,
     reserved_from_row,
-    task_from_row,
     utc,
+    utc_required,
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, ValidationError
@@ -576,7 +578,7 @@ class PostgresBackend(Backend):
             return await cursor.fetchone()
 
         row = await self._read(work)
-        return None if row is None else task_from_row(row)
+        return None if row is None else task_from_row(row, utc_required)
 
     async def list_jobs(self, query: TaskQuery) -> list[Task]:
         clauses: list[str] = []
@@ -598,25 +600,17 @@ class PostgresBackend(Backend):
             cursor = await conn.execute(statement, params)
             return await cursor.fetchall()
 
-        return [task_from_row(row) for row in await self._read(work)]
+        return [task_from_row(row, utc_required) for row in await self._read(work)]
 
     async def queue_stats(self, now: datetime) -> list[QueueStats]:
         async def work(conn: Conn) -> list[Any]:
             cursor = await conn.execute(self._sql.queue_stats, {"now": now})
             return await cursor.fetchall()
 
-        stats: dict[str, QueueStats] = {}
-        for queue, status, count, scheduled, oldest in await self._read(work):
-            current = stats.setdefault(queue, QueueStats(queue=queue))
-            current.counts[TaskStatus(status)] = count
-            if status == TaskStatus.PENDING.value:
-                stats[queue] = QueueStats(
-                    queue=queue,
-                    counts=current.counts,
-                    scheduled=scheduled or 0,
-                    oldest_pending_at=utc(oldest),
-                )
-        return list(stats.values())
+        return stats_from_counts(
+            (queue, status, count, scheduled, utc(oldest))
+            for queue, status, count, scheduled, oldest in await self._read(work)
+        )
 
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
         params: dict[str, Any] = {"kind": kind}

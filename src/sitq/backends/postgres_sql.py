@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sitq.core import ReservedTask, Task, TaskStatus
+from sitq.core import ReservedTask
 
 # Identifiers we format into SQL: a plain name keeps quoting trivial and the
 # NOTIFY channel (named after the schema) within PostgreSQL's 63-byte limit.
@@ -380,27 +380,6 @@ def micros(value: timedelta | None) -> int | None:
 
 def interval_from(value: int | None) -> timedelta | None:
     return None if value is None else timedelta(microseconds=value)
-
-
-def task_from_row(row: Sequence[Any]) -> Task:
-    return Task(
-        id=row[0],
-        queue=row[1],
-        kind=row[2],
-        status=TaskStatus(row[3]),
-        priority=row[4],
-        attempts=row[5],
-        max_attempts=row[6],
-        enqueued_at=utc_required(row[7]),
-        available_at=utc_required(row[8]),
-        started_at=utc(row[9]),
-        finished_at=utc(row[10]),
-        interval=interval_from(row[11]),
-        series_id=row[12],
-        error=row[13],
-        traceback=row[14],
-        result=None if row[15] is None else bytes(row[15]),
-    )
 
 
 def reserved_from_row(row: Sequence[Any]) -> ReservedTask:

@@ -40,6 +40,7 @@ from sitq.backends.base import (
     Settled,
     TaskQuery,
     stats_from_counts,
+    task_from_row,
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, ValidationError
@@ -281,28 +282,6 @@ class SQLiteBackend(Backend):
         conn.close()
 
     # -- rows to objects -----------------------------------------------------------
-
-    @staticmethod
-    def _task(row: Sequence[Any]) -> Task:
-        interval_us = row[11]
-        return Task(
-            id=row[0],
-            queue=row[1],
-            kind=row[2],
-            status=TaskStatus(row[3]),
-            priority=row[4],
-            attempts=row[5],
-            max_attempts=row[6],
-            enqueued_at=from_micros(row[7]),
-            available_at=from_micros(row[8]),
-            started_at=_maybe_time(row[9]),
-            finished_at=_maybe_time(row[10]),
-            interval=None if interval_us is None else timedelta(microseconds=interval_us),
-            series_id=row[12],
-            error=row[13],
-            traceback=row[14],
-            result=row[15],
-        )
 
     @staticmethod
     def _reserved(row: Sequence[Any]) -> ReservedTask:
@@ -570,7 +549,7 @@ class SQLiteBackend(Backend):
                 f"SELECT {_TASK_COLUMNS} FROM sitq_jobs WHERE id = ?", (job_id,)
             ).fetchone()
         )
-        return None if row is None else self._task(row)
+        return None if row is None else task_from_row(row, from_micros)
 
     async def list_jobs(self, query: TaskQuery) -> list[Task]:
         clauses: list[str] = []
@@ -591,7 +570,7 @@ class SQLiteBackend(Backend):
                 [*params, query.limit],
             ).fetchall()
         )
-        return [self._task(row) for row in rows]
+        return [task_from_row(row, from_micros) for row in rows]
 
     async def queue_stats(self, now: datetime) -> list[QueueStats]:
         moment = to_micros(now)
