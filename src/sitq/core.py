@@ -83,14 +83,9 @@ class ReservedTask:
     lease_expires_at: datetime
     interval: timedelta | None
     series_id: str | None
-    #: The slot a recurring run was due at; retries move ``available_at``, not this.
-    #: ``None`` means the same as ``available_at``.
-    scheduled_at: datetime | None = None
-
-    @property
-    def slot(self) -> datetime:
-        """When this run was scheduled, before any retry delay."""
-        return self.scheduled_at or self.available_at
+    #: When this run was scheduled: a retry moves ``available_at``, not this, so a
+    #: recurring series computes its next slot from here.
+    scheduled_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ def new_id() -> str:
 class _Options:
     """Validated per-task options, resolved against the queue's defaults."""
 
+    now: datetime
     available_at: datetime
     interval: timedelta | None
     queue: str
@@ -196,8 +197,10 @@ class TaskQueue:
             seconds = seconds_from(timeout, "timeout").total_seconds()
             if seconds <= 0:
                 raise ValidationError(f"timeout must be positive, got {timeout!r}")
+        now = self.clock.now()
         return _Options(
-            available_at=due_time(self.clock.now(), eta, delay),
+            now=now,
+            available_at=due_time(now, eta, delay),
             interval=interval_from(interval),
             queue=chosen,
             priority=priority,
@@ -222,7 +225,7 @@ class TaskQueue:
             queue=options.queue,
             kind="task",
             payload=call.dumps(self.serializer),
-            enqueued_at=self.clock.now(),
+            enqueued_at=options.now,
             available_at=options.available_at,
             priority=options.priority,
             max_attempts=options.retry.max_attempts,

@@ -424,7 +424,7 @@ class Worker:
                 kind=reserved.kind,
                 payload=reserved.payload,
                 enqueued_at=now,
-                available_at=next_interval_run(reserved.slot, reserved.interval, now),
+                available_at=next_interval_run(reserved.scheduled_at, reserved.interval, now),
                 priority=reserved.priority,
                 max_attempts=reserved.max_attempts,
                 interval=reserved.interval,

@@ -144,6 +144,20 @@ _ANNOUNCE = (
     " SELECT pg_notify(%(channel)s, %(token)s) WHERE EXISTS (SELECT FROM inserted)"
 )
 
+# The priority levels present among pending jobs of a kind, highest first: a loose
+# index scan of sitq_jobs_due (one probe per level), shared by the claim and next_due.
+_PRIORITY_LEVELS = """
+WITH RECURSIVE levels (priority) AS (
+    (SELECT priority FROM {schema}.sitq_jobs
+     WHERE status = 'pending' AND kind = %(kind)s
+     ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT l.priority FROM {schema}.sitq_jobs AS l
+            WHERE l.status = 'pending' AND l.kind = %(kind)s AND l.priority < levels.priority
+            ORDER BY l.priority DESC LIMIT 1)
+    FROM levels WHERE levels.priority IS NOT NULL
+)"""
+
 # One statement: lock due jobs and jobs whose lease ran out (a dead worker's), skipping
 # rows other claimers hold, keep the best ``limit`` of them, and lease those. A job read
 # more than ``max_deliveries`` times turns 'dead' instead of being handed out again.
@@ -158,17 +172,9 @@ _ANNOUNCE = (
 # saying nothing is due) can make the planner trade for a sort of every due job or a
 # scan of the scheduled backlog. Up to ``limit`` jobs per level are locked, the best
 # ``limit`` overall kept; the others are released at commit.
-_CLAIM = """
-WITH RECURSIVE levels (priority) AS (
-    (SELECT priority FROM {schema}.sitq_jobs
-     WHERE status = 'pending' AND kind = %(kind)s
-     ORDER BY priority DESC LIMIT 1)
-    UNION ALL
-    SELECT (SELECT l.priority FROM {schema}.sitq_jobs AS l
-            WHERE l.status = 'pending' AND l.kind = %(kind)s AND l.priority < levels.priority
-            ORDER BY l.priority DESC LIMIT 1)
-    FROM levels WHERE levels.priority IS NOT NULL
-), due AS (
+_CLAIM = (
+    _PRIORITY_LEVELS
+    + """, due AS (
     SELECT level_due.* FROM levels CROSS JOIN LATERAL (
         SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
         WHERE status = 'pending' AND kind = %(kind)s AND priority = levels.priority
@@ -212,6 +218,7 @@ UPDATE {schema}.sitq_jobs AS j SET
 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING {reserved}
 """
+)
 
 # Rows are locked in id order so a heartbeat and a settle of the same worker, which
 # touch the same rows, cannot deadlock.
@@ -265,23 +272,16 @@ RETURNING id
 # recursive probe for the next lower one), takes that level's first due time (an
 # index probe), and keeps the smallest. Cheap however many jobs are pending, as long
 # as the distinct priorities are few.
-_NEXT_DUE = """
-WITH RECURSIVE levels (priority) AS (
-    (SELECT priority FROM {schema}.sitq_jobs
-     WHERE status = 'pending' AND kind = %(kind)s
-     ORDER BY priority DESC LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.priority FROM {schema}.sitq_jobs AS j
-            WHERE j.status = 'pending' AND j.kind = %(kind)s AND j.priority < levels.priority
-            ORDER BY j.priority DESC LIMIT 1)
-    FROM levels WHERE levels.priority IS NOT NULL
-)
+_NEXT_DUE = (
+    _PRIORITY_LEVELS
+    + """
 SELECT min((SELECT j.available_at FROM {schema}.sitq_jobs AS j
             WHERE j.status = 'pending' AND j.kind = %(kind)s
                   AND j.priority = levels.priority{queue_filter}
             ORDER BY j.available_at LIMIT 1))
 FROM levels WHERE levels.priority IS NOT NULL
 """
+)
 
 _QUEUE_STATS = """
 SELECT queue, status, count(*),
