@@ -34,6 +34,7 @@ from sitq import (
     Worker,
 )
 from sitq.backends.base import Backend
+from sitq.queue import new_id
 
 # -- task functions and the state they share with the tests ------------------------------
 # They are module-level so cloudpickle stores them by reference: the worker (in this
@@ -535,3 +536,12 @@ async def test_idle_worker_wakes_for_a_task_enqueued_from_another_thread(
     finally:
         await asyncio.to_thread(client.close)
         await w.stop()
+
+
+def test_ids_sort_by_creation_time() -> None:
+    before = time.time_ns() // 1000
+    job_id = new_id()
+    after = time.time_ns() // 1000
+    assert len(job_id) == 32
+    assert before <= int(job_id[:14], 16) <= after
+    assert len({new_id() for _ in range(1000)}) == 1000

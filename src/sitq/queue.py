@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +33,12 @@ PURGEABLE = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskSt
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A new job id: 32 hex digits, the time in microseconds then 72 random bits.
+
+    Ids made later sort later (as UUIDv7's do), so an index on them grows at its
+    right edge: inserting a batch touches a few pages instead of one per job.
+    """
+    return f"{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
 
 
 @dataclass(frozen=True, slots=True)

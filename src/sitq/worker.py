@@ -20,7 +20,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -39,6 +38,7 @@ from sitq.queue import new_id
 from sitq.scheduling import next_interval_run, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer
 from sitq.task_call import TaskCall
+from sitq.thread_runner import ThreadRunner
 
 logger = logging.getLogger("sitq.worker")
 
@@ -110,7 +110,7 @@ class Worker:
         self.heartbeat_interval = max(0.05, min(lease.total_seconds() / 3, self.poll_interval))
         self._running: dict[str, _Running] = {}
         self._outcomes: list[tuple[Outcome, _Running]] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: ThreadRunner | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[int] | None = None
@@ -189,10 +189,8 @@ class Worker:
     def _prepare(self) -> None:
         self._stopping = False
         self._wake = self.backend.wakeup.subscribe()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self.max_concurrency, thread_name_prefix="sitq-task"
-            )
+        if self._threads is None:
+            self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
 
     async def _serve(self, burst: bool) -> int:
         wake = self._wake
@@ -237,9 +235,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self.backend.wakeup.unsubscribe(wake)
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            if self._threads is not None:
+                self._threads.shutdown()
+                self._threads = None
         return self.processed - processed_before
 
     async def _settle(self, claim: ClaimRequest | None) -> list[ReservedTask] | None:
@@ -352,11 +350,10 @@ class Worker:
             running.is_async = True
             awaitable: Awaitable[Any] = func(*call.args, **call.kwargs)
         else:
-            assert self._executor is not None
+            assert self._threads is not None
             context = contextvars.copy_context()
-            bound = functools.partial(func, *call.args, **call.kwargs)
-            awaitable = asyncio.get_running_loop().run_in_executor(
-                self._executor, context.run, bound
+            awaitable = self._threads.submit(
+                functools.partial(context.run, func, *call.args, **call.kwargs)
             )
         if call.timeout is None:
             value = await awaitable
@@ -368,19 +365,19 @@ class Worker:
                 if not scope.expired():
                     raise
                 if not running.is_async:
-                    self._replace_executor()
+                    self._replace_threads()
                 raise TaskTimeoutError(call.timeout) from None
         if inspect.isawaitable(value):  # a sync function that returned a coroutine
             running.is_async = True
             value = await value
         return value
 
-    def _replace_executor(self) -> None:
-        """A timed-out sync task keeps its thread; give later tasks a fresh pool."""
-        old = self._executor
-        self._executor = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="sitq-task")
+    def _replace_threads(self) -> None:
+        """A timed-out sync task keeps its thread; give later tasks fresh threads."""
+        old = self._threads
+        self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
         if old is not None:
-            old.shutdown(wait=False)
+            old.shutdown()
 
     def _fail(
         self,

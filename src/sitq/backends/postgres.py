@@ -342,8 +342,8 @@ class PostgresBackend(Backend):
 
     def _insert_params(self, jobs: Sequence[NewJob]) -> tuple[str, dict[str, Any]]:
         """How to insert ``jobs``: (shape, params), the shape being ``"one"`` (scalars),
-        ``"uniform"`` (jobs alike but for id, payload and times: arrays for those,
-        scalars for the rest) or
+        ``"uniform"`` (jobs alike but for id and payload, the usual batch of one task
+        with one set of options: arrays for those two, scalars for the rest) or
         ``"many"`` (one array per column). See ``_INSERT_*`` in postgres_sql."""
         params: dict[str, Any] = {"channel": self.channel, "token": self._token}
         first = jobs[0]
@@ -353,6 +353,8 @@ class PostgresBackend(Backend):
                 job.queue,
                 job.kind,
                 job.priority,
+                job.enqueued_at,
+                job.available_at,
                 job.max_attempts,
                 job.max_deliveries,
                 job.interval,
@@ -383,8 +385,8 @@ class PostgresBackend(Backend):
         params.update(
             id=first.id if one else [job.id for job in jobs],
             payload=first.payload if one else [job.payload for job in jobs],
-            enqueued_at=first.enqueued_at if one else [job.enqueued_at for job in jobs],
-            available_at=first.available_at if one else [job.available_at for job in jobs],
+            enqueued_at=first.enqueued_at,
+            available_at=first.available_at,
             queue=first.queue,
             kind=first.kind,
             priority=first.priority,

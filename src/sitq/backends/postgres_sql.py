@@ -122,17 +122,16 @@ _INSERT_MANY = (
     " max_attempts, max_deliveries, interval_us, series_id)"
 )
 
-# Many jobs that differ only in id, payload and times (the usual batch: one task, one
-# set of options): only those travel as arrays, in binary (cheap to encode); the rest
-# are single values.
+# Many jobs that differ only in id and payload (the usual batch: one task, one set of
+# options, enqueued at one moment): only those travel as arrays, in binary (cheap to
+# encode); the rest are single values.
 _INSERT_UNIFORM = (
     "INSERT INTO {schema}.sitq_jobs (" + _INSERT_COLUMNS + ")"
     " SELECT id, %(queue)s, %(kind)s, 'pending', %(priority)s::integer, payload,"
-    " enqueued_at, available_at,"
+    " %(enqueued_at)s::timestamptz, %(available_at)s::timestamptz,"
     " %(max_attempts)s::integer, %(max_deliveries)s::integer, %(interval_us)s::bigint,"
-    " %(series_id)s::text, available_at"
-    " FROM unnest(%(id)b::text[], %(payload)b::bytea[], %(enqueued_at)b::timestamptz[],"
-    " %(available_at)b::timestamptz[]) AS rows (id, payload, enqueued_at, available_at)"
+    " %(series_id)s::text, %(available_at)s::timestamptz"
+    " FROM unnest(%(id)b::text[], %(payload)b::bytea[]) AS rows (id, payload)"
 )
 
 # Insert and announce in ONE statement, so an enqueue in autocommit is one round trip.

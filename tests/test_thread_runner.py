@@ -1,0 +1,131 @@
+"""ThreadRunner: the worker's threads for sync task functions.
+
+The worker's own tests cover it end to end (sync tasks, timeouts, crashes); these
+check the runner's promises directly: results and errors reach the awaiting task,
+no more than ``size`` calls run at once, results that finish together come back in
+one hand-back, and a shut-down runner's threads exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from helpers import wait_until
+from sitq.thread_runner import ThreadRunner
+
+DEADLINE = 10.0
+
+
+async def test_results_and_errors_reach_the_awaiting_task() -> None:
+    runner = ThreadRunner(2, asyncio.get_running_loop())
+    try:
+        assert await runner.submit(lambda: 6 * 7) == 42
+        assert await runner.submit(threading.current_thread) is not threading.current_thread()
+
+        def fail() -> None:
+            raise KeyError("missing")
+
+        with pytest.raises(KeyError, match="missing"):
+            await runner.submit(fail)
+    finally:
+        runner.shutdown()
+
+
+async def test_stop_iteration_becomes_a_runtime_error() -> None:
+    """An asyncio future refuses StopIteration; passing it on would lose the result of
+    every call in the same hand-back and leave their tasks waiting forever."""
+    runner = ThreadRunner(1, asyncio.get_running_loop())
+    try:
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await runner.submit(lambda: next(iter(())))
+    finally:
+        runner.shutdown()
+
+
+async def test_never_more_than_size_calls_at_once() -> None:
+    runner = ThreadRunner(2, asyncio.get_running_loop())
+    release = threading.Event()
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def call() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        release.wait(DEADLINE)
+        with lock:
+            running -= 1
+
+    try:
+        futures = [runner.submit(call) for _ in range(5)]
+        await wait_until(lambda: running == 2, DEADLINE)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*futures), DEADLINE)
+        assert most == 2
+    finally:
+        runner.shutdown()
+
+
+async def test_results_that_finish_while_the_loop_is_busy_arrive_in_one_hand_back() -> None:
+    loop = asyncio.get_running_loop()
+    runner = ThreadRunner(4, loop)
+    wakeups = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return original(callback, *args, **kwargs)
+
+    finished = threading.Semaphore(0)
+
+    def call(n: int) -> int:
+        finished.release()
+        return n
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        futures = [runner.submit(lambda n=n: call(n)) for n in range(4)]
+        # Keep the loop busy (no await) until every call has finished on its thread.
+        for _ in range(4):
+            assert finished.acquire(timeout=DEADLINE)
+        assert await asyncio.wait_for(asyncio.gather(*futures), DEADLINE) == [0, 1, 2, 3]
+        assert wakeups == 1
+    finally:
+        del loop.call_soon_threadsafe
+        runner.shutdown()
+
+
+async def test_a_cancelled_wait_does_not_stop_the_other_results() -> None:
+    runner = ThreadRunner(2, asyncio.get_running_loop())
+    release = threading.Event()
+    try:
+        abandoned = runner.submit(lambda: release.wait(DEADLINE))
+        abandoned.cancel()  # what a task timeout does to the future it awaits
+        kept = runner.submit(lambda: "kept")
+        release.set()
+        assert await asyncio.wait_for(kept, DEADLINE) == "kept"
+    finally:
+        runner.shutdown()
+
+
+async def test_shutdown_lets_running_calls_finish_and_ends_the_threads() -> None:
+    runner = ThreadRunner(2, asyncio.get_running_loop(), name="shutdown-test")
+    release = threading.Event()
+    future = runner.submit(lambda: release.wait(DEADLINE))
+    threads = [t for t in threading.enumerate() if t.name.startswith("shutdown-test")]
+    assert len(threads) == 1
+    runner.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        runner.submit(lambda: None)
+    release.set()
+    assert await asyncio.wait_for(future, DEADLINE) is True
+    for thread in threads:
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
