@@ -330,6 +330,71 @@ async def test_a_plain_notify_wakes_subscribers(pg: PostgresBackend) -> None:
         pg.wakeup.unsubscribe(woken)
 
 
+async def _work_notifications_until_marker(
+    pg: PostgresBackend, write: object
+) -> list[str]:
+    """Run ``write`` (a coroutine) while LISTENing on the work channel; return the
+    payloads heard before a marker sent after it (NOTIFYs arrive in commit order)."""
+    async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as conn:
+        await conn.execute(f'LISTEN "{pg.channel}"')
+        await write  # type: ignore[misc]
+        await conn.execute("SELECT pg_notify(%s, 'marker')", (pg.channel,))
+        heard: list[str] = []
+        async with asyncio.timeout(10):
+            async for notification in conn.notifies():
+                if notification.payload == "marker":
+                    return heard
+                heard.append(notification.payload)
+    raise AssertionError("the marker never arrived")
+
+
+async def test_a_finish_is_announced_to_result_waiters_not_to_workers(
+    pg: PostgresBackend, pg_schema: str
+) -> None:
+    other = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await other.open()
+    try:
+        finishes = await other.watch_finished()
+        assert finishes is not other.wakeup
+        await pg.enqueue([job("a"), job("b")])
+        await pg.claim(claim("w"))
+        woken = finishes.subscribe()
+        try:
+            # The other backend's finished listener comes up on its own: finish jobs
+            # (one at a time) until it hears one.
+            async def heard(job_id: str) -> bool:
+                woken.clear()
+                await pg.finish(Finish(job_id, "w", TaskStatus.SUCCESS, NOW))
+                try:
+                    await asyncio.wait_for(woken.wait(), 2)
+                except TimeoutError:
+                    return False
+                return True
+
+            assert await heard("a") or await heard("b")
+        finally:
+            finishes.unsubscribe(woken)
+        # Workers listen on the work channel: a plain finish says nothing there.
+        await pg.enqueue([job("c")])
+        await pg.claim(claim("w"))
+        finish = pg.finish(Finish("c", "w", TaskStatus.SUCCESS, NOW))
+        assert await _work_notifications_until_marker(pg, finish) == []
+    finally:
+        await other.close()
+
+
+async def test_a_retry_and_a_series_next_run_are_announced_as_work(
+    pg: PostgresBackend,
+) -> None:
+    await pg.enqueue([job("a"), job("b", interval=timedelta(hours=1), series_id="b")])
+    await pg.claim(claim("w"))
+    retry = pg.reschedule(Reschedule("a", "w", NOW + timedelta(seconds=5)))
+    assert len(await _work_notifications_until_marker(pg, retry)) == 1
+    next_run = job("b2", at=NOW + timedelta(hours=1), interval=timedelta(hours=1))
+    finish = pg.finish(Finish("b", "w", TaskStatus.SUCCESS, NOW, next_run=next_run))
+    assert len(await _work_notifications_until_marker(pg, finish)) == 1
+
+
 async def test_listener_reconnects_after_its_connection_is_killed(pg: PostgresBackend) -> None:
     await pg.wait_listening()
     assert terminate_other_connections() >= 1

@@ -250,8 +250,10 @@ class TaskQueue:
         if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
             raise ValidationError(f"timeout must be a non-negative number, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        woken = self.backend.wakeup.subscribe()
-        # Other processes do not wake us; poll for their writes, backing off gently.
+        finishes = await self.backend.watch_finished()
+        woken = finishes.subscribe()
+        # A finish in another process may go unannounced (SQLite has no notifications;
+        # a PostgreSQL listener may be reconnecting): poll too, backing off gently.
         pause = 0.005
         try:
             while True:
@@ -275,7 +277,7 @@ class TaskQueue:
                 except TimeoutError:
                     pause = min(pause * 1.5, 0.2)
         finally:
-            self.backend.wakeup.unsubscribe(woken)
+            finishes.unsubscribe(woken)
 
     def deserialize_result(self, result: Result) -> Any:
         """The task's return value from a successful ``Result``."""

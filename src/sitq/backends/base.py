@@ -189,6 +189,15 @@ class Backend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The backend may be opened again."""
 
+    async def watch_finished(self) -> Wakeup:
+        """The wake-up set when jobs finish, for callers waiting on a result.
+
+        By default it is :attr:`wakeup`, which finishes in this process set too.
+        A backend that announces finishes across processes separately from new work
+        may start listening for them here.
+        """
+        return self.wakeup
+
     @abc.abstractmethod
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
         """Insert jobs in one transaction (all or none)."""

@@ -5,10 +5,12 @@ otherwise), created and upgraded by versioned migrations under an advisory lock,
 many processes may start at once. A claim is one ``UPDATE`` over a ``FOR UPDATE SKIP
 LOCKED`` selection, so concurrent workers never wait for each other nor take the
 same job; jobs whose lease ran out are part of that selection, so no separate rescuer
-is needed. Every write that makes work available (or finishes a job) sends a
-``NOTIFY`` on a channel named after the schema; each backend object keeps one
-listening connection that wakes its workers and ``get_result`` waiters at once,
-whatever process or host wrote. Polling stays the fallback.
+is needed. Every write that makes work available sends a ``NOTIFY`` on a channel
+named after the schema; each backend object keeps one listening connection that
+wakes its workers at once, whatever process or host wrote. Finishes go to a second
+channel, heard only by processes that wait for results (``watch_finished``), so a
+busy worker does not wake every other process once per task. Polling stays the
+fallback.
 
 What it cannot do:
 
@@ -68,6 +70,7 @@ from sitq.backends.postgres_sql import (
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, ValidationError
+from sitq.wakeup import Wakeup
 
 __all__ = ["PostgresBackend"]
 
@@ -87,6 +90,8 @@ class _LoopState:
     pool: AsyncConnectionPool[Conn]
     listening: asyncio.Event
     listener: asyncio.Task[None] | None = None
+    #: Started by the first ``watch_finished`` on this loop (a ``get_result``).
+    finished_listener: asyncio.Task[None] | None = None
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
@@ -137,7 +142,13 @@ class PostgresBackend(Backend):
             raise ValidationError(f"bad pool size: min_size={min_size}, max_size={max_size}")
         self.dsn = dsn
         self.schema = name
+        # Two NOTIFY channels: one says "there is work" (new, retried, requeued jobs)
+        # and every process listens to it; the other says "a job finished" and only
+        # processes waiting for a result listen to it, so a busy worker's finishes do
+        # not wake every other worker process (and its own listener) once per job.
         self.channel = name
+        self.finished_channel = f"{name[:54]}_finished"  # identifiers: 63 bytes at most
+        self._finished = Wakeup()
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
@@ -237,11 +248,33 @@ class PostgresBackend(Backend):
             self._opened = bool(self._loops)
         if state is None:
             return
-        if state.listener is not None:
-            state.listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await state.listener
+        for listener in (state.listener, state.finished_listener):
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
         await state.pool.close()
+
+    async def watch_finished(self) -> Wakeup:
+        """Listen for finished jobs on this loop (once), and return their wake-up.
+
+        The listener is not awaited: a job that finishes before it is subscribed
+        goes unannounced, and ``get_result`` finds it at its next poll.
+        """
+        state = await self._state()
+        if state.finished_listener is None or state.finished_listener.done():
+            state.finished_listener = asyncio.create_task(
+                listen(
+                    self.dsn,
+                    self.finished_channel,
+                    self._finished,
+                    asyncio.Event(),
+                    self.connect_timeout,
+                    self._token,
+                ),
+                name=f"sitq-listen-finished-{self.schema}",
+            )
+        return self._finished
 
     async def wait_listening(self, timeout: float = 10.0) -> None:
         """Return once this loop's listener is subscribed (for tests, and callers that
@@ -336,9 +369,21 @@ class PostgresBackend(Backend):
     async def _read(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return await self._run(work, transaction=False)
 
-    async def _notify(self, conn: Conn) -> None:
-        # Delivered at commit, so listeners never look before the write is visible.
-        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._token))
+    async def _notify(self, conn: Conn, *, work: bool, finished: bool) -> None:
+        """Announce, at commit (so listeners never look before the write is visible),
+        that jobs became due (``work``) and/or finished (``finished``)."""
+        channels = [self.channel] * work + [self.finished_channel] * finished
+        await conn.execute(
+            "SELECT pg_notify(channel, %s) FROM unnest(%s::text[]) AS channel",
+            (self._token, channels),
+        )
+
+    def _wake(self, *, work: bool, finished: bool) -> None:
+        """Wake this process's waiters directly: our listeners skip our own NOTIFYs."""
+        if work:
+            self.wakeup.notify()
+        if finished:
+            self._finished.notify()
 
     def _insert_params(self, jobs: Sequence[NewJob]) -> tuple[str, dict[str, Any]]:
         """How to insert ``jobs``: (shape, params), the shape being ``"one"`` (scalars),
@@ -515,6 +560,9 @@ class PostgresBackend(Backend):
         # Rows are updated in id order so two transactions touching the same jobs
         # (this settle and the same worker's heartbeat) cannot deadlock.
         order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
+        # A retry or a series' next run makes a job due; any outcome may finish one (a
+        # retry of a task whose cancellation was requested cancels it).
+        due = any(isinstance(o, Reschedule) or o.next_run is not None for o in outcomes)
 
         async def work(conn: Conn) -> Settled:
             # Pipelined on an autocommit connection, with no BEGIN/COMMIT: everything
@@ -526,7 +574,7 @@ class PostgresBackend(Backend):
             async with conn.pipeline():
                 sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
                 if outcomes:
-                    await self._notify(conn)
+                    await self._notify(conn, work=due, finished=True)
                 claim_cursor = None if claim is None else await self._send_claim(conn, claim)
                 accepted = [False] * len(outcomes)
                 next_runs: list[NewJob] = []
@@ -545,27 +593,35 @@ class PostgresBackend(Backend):
 
         settled = await self._read(work)
         if any(settled.accepted):
-            self.wakeup.notify()
+            self._wake(work=due, finished=True)
         return settled
 
-    async def _update_one(self, statement: str, params: dict[str, Any]) -> bool:
-        async def work(conn: Conn) -> bool:
+    async def _update_one(
+        self, statement: str, params: dict[str, Any], *, work: bool, finished: bool
+    ) -> bool:
+        async def update(conn: Conn) -> bool:
             cursor = await conn.execute(statement, params)
             done = await cursor.fetchone() is not None
             if done:
-                await self._notify(conn)
+                await self._notify(conn, work=work, finished=finished)
             return done
 
-        done = await self._transaction(work)
+        done = await self._transaction(update)
         if done:
-            self.wakeup.notify()
+            self._wake(work=work, finished=finished)
         return done
 
     async def cancel(self, job_id: str, now: datetime) -> bool:
-        return await self._update_one(self._sql.cancel, {"id": job_id, "now": now})
+        # A pending job is cancelled at once (finished); a running one when its
+        # worker's heartbeat sees the request, which needs no announcement.
+        return await self._update_one(
+            self._sql.cancel, {"id": job_id, "now": now}, work=False, finished=True
+        )
 
     async def requeue(self, job_id: str, now: datetime) -> bool:
-        return await self._update_one(self._sql.requeue, {"id": job_id, "now": now})
+        return await self._update_one(
+            self._sql.requeue, {"id": job_id, "now": now}, work=True, finished=False
+        )
 
     async def delete(self, job_id: str) -> bool:
         async def work(conn: Conn) -> bool:
