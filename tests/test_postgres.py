@@ -330,6 +330,28 @@ async def test_a_plain_notify_wakes_subscribers(pg: PostgresBackend) -> None:
         pg.wakeup.unsubscribe(woken)
 
 
+def listening_sessions(channel: str) -> int:
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = %s",
+            (f'LISTEN "{channel}"',),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_only_processes_that_wait_listen(pg: PostgresBackend) -> None:
+    """An enqueue-only process (a web app) holds no LISTEN connection, so it is not
+    woken by every other producer's enqueue; a worker's first wait starts one."""
+    await TaskQueue(pg).enqueue(pg_tasks.record, "unused", 1)
+    assert listening_sessions(pg.channel) == 0
+    assert listening_sessions(pg.finished_channel) == 0
+    await pg.wait_listening()
+    assert listening_sessions(pg.channel) == 1
+    await pg.watch_finished()
+    await wait_until(lambda: listening_sessions(pg.finished_channel) == 1)
+
+
 async def _work_notifications_until_marker(
     pg: PostgresBackend, write: object
 ) -> list[str]:

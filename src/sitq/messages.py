@@ -397,7 +397,7 @@ class Consumer(_Client):
         """
         limit = _positive_int(batch_size, "batch_size")
         await self._ready()
-        wake = self._subscribe()
+        wake = await self._subscribe()
         batch: list[Message] = []
         try:
             while not self._stopping:
@@ -434,7 +434,7 @@ class Consumer(_Client):
         limit = _positive_int(batch_size, "batch_size")
         retry_wait = seconds_from(retry_delay, "retry_delay")
         await self._ready()
-        wake = self._subscribe()
+        wake = await self._subscribe()
         held: dict[str, Message] = {}
         beat_stop = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(held, beat_stop))
@@ -549,8 +549,8 @@ class Consumer(_Client):
                 deadline = due
         await self.clock.sleep_until(deadline, wake)
 
-    def _subscribe(self) -> asyncio.Event:
-        wake = self.backend.wakeup.subscribe()
+    async def _subscribe(self) -> asyncio.Event:
+        wake = (await self.backend.watch_work()).subscribe()
         self._wakes.add(wake)
         if self._stopping:
             wake.set()

@@ -32,9 +32,7 @@ class ThreadRunner:
     if the loop is alive, and the threads exit after that.
     """
 
-    def __init__(
-        self, size: int, loop: asyncio.AbstractEventLoop, name: str = "sitq-task"
-    ) -> None:
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop, name: str = "sitq-task") -> None:
         self._size = size
         self._loop = loop
         self._name = name

@@ -125,7 +125,7 @@ class Worker:
         if self._main is not None and not self._main.done():
             raise WorkerError("worker is already running")
         await self.backend.open()
-        self._prepare()
+        await self._prepare()
         self._main = asyncio.create_task(self._serve(burst=False), name=f"sitq-{self.name}")
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -157,7 +157,7 @@ class Worker:
         self._main = asyncio.current_task()
         try:
             await self.backend.open()
-            self._prepare()
+            await self._prepare()
             return await self._serve(burst)
         finally:
             self._main = None
@@ -186,9 +186,9 @@ class Worker:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
 
-    def _prepare(self) -> None:
+    async def _prepare(self) -> None:
         self._stopping = False
-        self._wake = self.backend.wakeup.subscribe()
+        self._wake = (await self.backend.watch_work()).subscribe()
         if self._threads is None:
             self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
 

@@ -189,6 +189,14 @@ class Backend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The backend may be opened again."""
 
+    async def watch_work(self) -> Wakeup:
+        """Return :attr:`wakeup`, for workers and consumers waiting for work.
+
+        A backend that announces new work across processes starts listening for it
+        here, not in :meth:`open`, so a process that only enqueues is never woken.
+        """
+        return self.wakeup
+
     async def watch_finished(self) -> Wakeup:
         """The wake-up set when jobs finish, for callers waiting on a result.
 

@@ -6,11 +6,11 @@ many processes may start at once. A claim is one ``UPDATE`` over a ``FOR UPDATE 
 LOCKED`` selection, so concurrent workers never wait for each other nor take the
 same job; jobs whose lease ran out are part of that selection, so no separate rescuer
 is needed. Every write that makes work available sends a ``NOTIFY`` on a channel
-named after the schema; each backend object keeps one listening connection that
-wakes its workers at once, whatever process or host wrote. Finishes go to a second
-channel, heard only by processes that wait for results (``watch_finished``), so a
-busy worker does not wake every other process once per task. Polling stays the
-fallback.
+named after the schema; once a worker or consumer waits for work (``watch_work``),
+the backend keeps a listening connection that wakes it at once, whatever process or
+host wrote. Finishes go to a second channel, heard only by processes that wait for
+results (``watch_finished``), so a busy worker does not wake every other process
+once per task. Polling stays the fallback.
 
 What it cannot do:
 
@@ -35,7 +35,7 @@ import random
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -88,7 +88,11 @@ class _LoopState:
     """The connections one event loop uses."""
 
     pool: AsyncConnectionPool[Conn]
-    listening: asyncio.Event
+    #: Closes the pool if the loop ends without ``close()``.
+    keeper: asyncio.Task[None] | None = None
+    #: Set while ``listener`` is subscribed.
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Started by the first ``watch_work`` on this loop (a worker or a consumer).
     listener: asyncio.Task[None] | None = None
     #: Started by the first ``watch_finished`` on this loop (a ``get_result``).
     finished_listener: asyncio.Task[None] | None = None
@@ -200,8 +204,7 @@ class PostgresBackend(Backend):
             with contextlib.suppress(Exception):
                 await pool.close()
             raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
-        listening = asyncio.Event()
-        state = _LoopState(pool, listening)
+        state = _LoopState(pool)
         with self._loops_lock:
             self._loops[loop] = state
         try:
@@ -211,20 +214,11 @@ class PostgresBackend(Backend):
         except BaseException:
             await self.close()
             raise
-        state.listener = asyncio.create_task(
-            self._listen(loop, state), name=f"sitq-listen-{self.schema}"
-        )
+        state.keeper = asyncio.create_task(self._keep(loop, state), name=f"sitq-pool-{self.schema}")
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, state: _LoopState) -> None:
+    async def _keep(self, loop: asyncio.AbstractEventLoop, state: _LoopState) -> None:
         try:
-            await listen(
-                self.dsn,
-                self.channel,
-                self.wakeup,
-                state.listening,
-                self.connect_timeout,
-                self._token,
-            )
+            await asyncio.Event().wait()  # until cancelled
         finally:
             # Cancelled by the loop shutting down (the end of ``asyncio.run`` in
             # ``Worker.run``) rather than by close(): close the pool while we still can.
@@ -248,12 +242,30 @@ class PostgresBackend(Backend):
             self._opened = bool(self._loops)
         if state is None:
             return
-        for listener in (state.listener, state.finished_listener):
-            if listener is not None:
-                listener.cancel()
+        for task in (state.listener, state.finished_listener, state.keeper):
+            if task is not None:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+                    await task
         await state.pool.close()
+
+    # Listening is lazy: a process that only enqueues (a web app, say) holds no LISTEN
+    # connection and is not woken by every other producer's enqueue.
+
+    def _listener(
+        self, channel: str, wakeup: Wakeup, listening: asyncio.Event
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            listen(self.dsn, channel, wakeup, listening, self.connect_timeout, self._token),
+            name=f"sitq-listen-{channel}",
+        )
+
+    async def watch_work(self) -> Wakeup:
+        """Listen for new work on this loop (once), and return its wake-up."""
+        state = await self._state()
+        if state.listener is None or state.listener.done():
+            state.listener = self._listener(self.channel, self.wakeup, state.listening)
+        return self.wakeup
 
     async def watch_finished(self) -> Wakeup:
         """Listen for finished jobs on this loop (once), and return their wake-up.
@@ -263,22 +275,15 @@ class PostgresBackend(Backend):
         """
         state = await self._state()
         if state.finished_listener is None or state.finished_listener.done():
-            state.finished_listener = asyncio.create_task(
-                listen(
-                    self.dsn,
-                    self.finished_channel,
-                    self._finished,
-                    asyncio.Event(),
-                    self.connect_timeout,
-                    self._token,
-                ),
-                name=f"sitq-listen-finished-{self.schema}",
+            state.finished_listener = self._listener(
+                self.finished_channel, self._finished, asyncio.Event()
             )
         return self._finished
 
     async def wait_listening(self, timeout: float = 10.0) -> None:
-        """Return once this loop's listener is subscribed (for tests, and callers that
+        """Listen for new work, and return once subscribed (for tests, and callers that
         must not miss the next notification)."""
+        await self.watch_work()
         state = await self._state()
         try:
             await asyncio.wait_for(state.listening.wait(), timeout)
