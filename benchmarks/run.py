@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import floors
 import scenarios
 from common import percentile
 from report import Metric, Results, Target, at_least, below, ratio_to, table
@@ -184,10 +185,25 @@ async def main() -> int:
             import sqlite_bench
 
             results = await measure(sqlite_bench.systems(scratch), settings, sqlite_targets())
+            hops = await floors.thread_round_trips(settings.enqueue_count)
+            huey_drain = results.values.get("drain_1", {}).get("huey")
             print("\n## SQLite: sitq (SQLiteBackend) vs huey (SqliteHuey)\n")
             print(describe(settings, "SQLite"))
             print()
             print(table(results))
+            print()
+            print(
+                floors.floor_table(
+                    [
+                        (
+                            "a sync no-op run in a thread from the event loop, one at a time",
+                            hops,
+                            "huey, drain at concurrency 1",
+                            huey_drain,
+                        )
+                    ]
+                )
+            )
             print(flush=True)
         if args.only in (None, "postgres"):
             import pg_bench
@@ -195,10 +211,25 @@ async def main() -> int:
             async with pg_bench.scratch_database(args.dsn) as dsn:
                 systems = pg_bench.systems(scratch, dsn)
                 results = await measure(systems, settings, postgres_targets())
+                inserts = await floors.postgres_single_inserts(dsn, settings.enqueue_count)
+            pgqrs_enqueue = results.values.get("enqueue", {}).get("pgqrs")
             print("\n## PostgreSQL: sitq (PostgresBackend) vs procrastinate vs pgqrs\n")
             print(describe(settings, "PostgreSQL"))
             print()
             print(table(results))
+            print()
+            print(
+                floors.floor_table(
+                    [
+                        (
+                            "one-row INSERT per autocommit statement, asyncio psycopg",
+                            inserts,
+                            "pgqrs, enqueue one at a time",
+                            pgqrs_enqueue,
+                        )
+                    ]
+                )
+            )
             print(flush=True)
     print(f"(total {time.monotonic() - began:.0f}s)", file=sys.stderr)
     return 0
