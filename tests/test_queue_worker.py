@@ -545,3 +545,21 @@ def test_ids_sort_by_creation_time() -> None:
     assert len(job_id) == 32
     assert before <= int(job_id[:14], 16) <= after
     assert len({new_id() for _ in range(1000)}) == 1000
+
+
+async def test_sqlite_watches_other_processes_only_where_something_waits(
+    tmp_path: Path,
+) -> None:
+    """A process that only enqueues does not poll the file every few milliseconds; the
+    first wait for a result (or for work) starts the watcher."""
+
+    def watchers() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith("sitq-sqlite-watch")]
+
+    async with TaskQueue(SQLiteBackend(tmp_path / "sitq.db")) as client:
+        task_id = await client.enqueue(add, 1, 2)
+        assert watchers() == []
+        with pytest.raises(ResultTimeoutError):
+            await client.get_result(task_id, timeout=0)
+        assert len(watchers()) == 1
+    assert [t for t in watchers() if not t.done()] == []

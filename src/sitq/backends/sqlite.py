@@ -8,8 +8,8 @@ When another process holds the write lock the call does not block the loop: it
 awaits a short, growing, jittered pause and tries again.
 
 Wake-ups: writers in the same process wake waiters at once; writes by other processes
-are noticed within about 5 ms through ``PRAGMA data_version``, polled while the backend
-is open on an event loop.
+are noticed within about 5 ms through ``PRAGMA data_version``, polled on each event
+loop where a worker, a consumer or ``get_result`` has waited.
 
 What it cannot do: serve machines that do not share the file (use PostgreSQL). Do not put the
 file on a network filesystem: SQLite's locking is not reliable there.
@@ -232,6 +232,21 @@ class SQLiteBackend(Backend):
 
     async def open(self) -> None:
         await self._retrying(lambda conn: None)
+
+    async def watch_work(self) -> Wakeup:
+        self._watch()
+        return self.wakeup
+
+    async def watch_finished(self) -> Wakeup:
+        self._watch()
+        return self.wakeup
+
+    def _watch(self) -> None:
+        """Start watching for other processes' commits on this thread's loop, once.
+
+        Only where something waits (a worker, a consumer, ``get_result``): a process
+        that only enqueues is not woken every few milliseconds for nothing.
+        """
         watcher: asyncio.Task[None] | None = getattr(self._local, "watcher", None)
         if (
             watcher is None
