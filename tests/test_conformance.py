@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -448,6 +449,29 @@ async def test_requeue_makes_failed_and_cancelled_jobs_pending_with_fresh_attemp
     assert task.finished_at is None and task.error is None
     assert await backend.requeue("cancelled", at(5))
     assert {r.id for r in await backend.claim(claim_req("w2", now=5))} == {"failed", "cancelled"}
+
+
+async def test_requeue_of_a_run_whose_series_lives_on_runs_it_once(backend: Backend) -> None:
+    """A failed run's series continued when it failed: requeueing the run must not start
+    a second series beside it. A cancelled series has stopped: requeueing its run
+    starts it again, on a grid from the requeue."""
+    hourly = timedelta(hours=1)
+    await backend.enqueue([job("run1", interval=hourly), job("stopped", interval=hourly)])
+    await backend.claim(claim_req("w1"))
+    next_run = replace(job("run2", due=3600, interval=hourly), series_id="run1")
+    failed = Finish("run1", "w1", TaskStatus.FAILED, at(1), error="E: x", next_run=next_run)
+    assert await backend.finish(failed)
+    assert await backend.finish(Finish("stopped", "w1", TaskStatus.CANCELLED, at(1)))
+
+    assert await backend.requeue("run1", at(5))
+    assert (await get(backend, "run1")).interval is None
+    assert (await get(backend, "run2")).interval == hourly
+    assert await backend.requeue("stopped", at(5))
+    assert (await get(backend, "stopped")).interval == hourly
+    reserved = {r.id: r for r in await backend.claim(claim_req("w2", now=5))}
+    assert reserved.keys() == {"run1", "stopped"}
+    assert reserved["run1"].interval is None
+    assert (reserved["stopped"].interval, reserved["stopped"].scheduled_at) == (hourly, at(5))
 
 
 async def test_requeue_refuses_pending_running_successful_and_unknown(backend: Backend) -> None:

@@ -257,13 +257,21 @@ WHERE id = %(id)s AND status IN ('pending', 'running')
 RETURNING id
 """
 
+# A run of an interval series whose series lives on (a failed run's next run was
+# inserted when it failed) is run once more, as a one-off: keeping its interval would
+# start a second series. A stopped (cancelled) series starts again from it.
 _REQUEUE = """
-UPDATE {schema}.sitq_jobs SET status = 'pending', available_at = %(now)s,
+UPDATE {schema}.sitq_jobs AS j SET status = 'pending', available_at = %(now)s,
     scheduled_at = %(now)s, attempts = 0,
     finished_at = NULL, error = NULL, traceback = NULL, result = NULL,
-    cancel_requested = false
-WHERE id = %(id)s AND status IN ('failed', 'dead', 'cancelled')
-RETURNING id
+    cancel_requested = false,
+    interval_us = CASE WHEN EXISTS (
+        SELECT FROM {schema}.sitq_jobs AS s
+        WHERE s.series_id = j.series_id AND s.id <> j.id
+              AND s.status IN ('pending', 'running'))
+        THEN NULL ELSE j.interval_us END
+WHERE j.id = %(id)s AND j.status IN ('failed', 'dead', 'cancelled')
+RETURNING j.id
 """
 
 # The earliest due time among pending jobs, from sitq_jobs_due (kind, priority DESC,

@@ -542,7 +542,12 @@ class SQLiteBackend(Backend):
                 "UPDATE sitq_jobs SET status = 'pending', available_at = ?1, attempts = 0,"
                 " scheduled_at = ?1,"
                 " finished_at = NULL, error = NULL, traceback = NULL, result = NULL,"
-                " cancel_requested = 0"
+                " cancel_requested = 0,"
+                # A series that lives on gets this run once more, not a second series
+                # (see _REQUEUE in postgres_sql).
+                " interval_us = CASE WHEN EXISTS (SELECT 1 FROM sitq_jobs AS s"
+                "  WHERE s.series_id = sitq_jobs.series_id AND s.id <> sitq_jobs.id"
+                "  AND s.status IN ('pending', 'running')) THEN NULL ELSE interval_us END"
                 " WHERE id = ? AND status IN ('failed', 'dead', 'cancelled') RETURNING id",
                 (to_micros(now), job_id),
             ).fetchone()
