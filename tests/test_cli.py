@@ -408,7 +408,7 @@ def test_queue_metrics_and_messages(store: Store) -> None:
                         id=message_id,
                         queue="reminders",
                         kind="message",
-                        payload=b"{}",
+                        payload=b'{"remind": "ada"}',
                         enqueued_at=now,
                         available_at=now + timedelta(seconds=30),
                     )
@@ -434,9 +434,10 @@ def test_queue_metrics_and_messages(store: Store) -> None:
     for group in ("messages", "message"):  # pgqrs spells it `message list`
         listed = sitq(group, "list", "--queue", "reminders", "-b", store.url, "--json")
         assert listed.returncode == 0, listed.stderr
-        assert [m["id"] for m in json.loads(listed.stdout)] == [message_id]
+        ((listed_id, payload),) = [(m["id"], m["payload"]) for m in json.loads(listed.stdout)]
+        assert (listed_id, payload) == (message_id, {"remind": "ada"})
     table = sitq("messages", "list", "--queue", "reminders", "-b", store.url).stdout
-    assert "VISIBLE AT" in table and message_id in table
+    assert "VISIBLE AT" in table and message_id in table and '{"remind":"ada"}' in table
     assert message_id not in sitq("tasks", "list", "-b", store.url).stdout
 
 

@@ -517,6 +517,14 @@ async def test_list_jobs_is_newest_first_and_filters(backend: Backend) -> None:
     for task in await backend.list_jobs(TaskQuery()):
         assert_aware_utc(task.enqueued_at)
         assert_aware_utc(task.available_at)
+        assert task.payload is None  # only when asked for
+
+
+async def test_list_jobs_returns_payloads_when_asked(backend: Backend) -> None:
+    await backend.enqueue([job("a", kind="message"), job("b")])
+    listed = await backend.list_jobs(TaskQuery(payloads=True))
+    assert {t.id: t.payload for t in listed} == {"a": b"payload-a", "b": b"payload-b"}
+    assert (await get(backend, "a")).payload is None
 
 
 async def test_queue_stats_counts_scheduled_and_oldest_pending(backend: Backend) -> None:

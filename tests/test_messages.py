@@ -299,8 +299,10 @@ async def test_message_read_too_often_is_dead_then_requeued(backend: Backend) ->
     assert await consumer.dequeue() == []  # a third read is not allowed
     assert await status_of(backend, message_id) is TaskStatus.DEAD
     (dead,) = await consumer.dead_letters()
-    assert (dead.id, dead.attempts, dead.kind) == (message_id, 2, "message")
+    assert (dead.id, dead.queue, dead.read_count) == (message_id, "jobs", 2)
+    assert dead.payload == {"poison": True}
     assert dead.error is not None and "2 times" in dead.error
+    assert dead.died_at == clock.now()
     assert (await consumer.metrics()).dead == 1
     assert await Consumer(backend, "other", clock=clock).dead_letters() == []
 
@@ -335,7 +337,7 @@ async def test_unreadable_payload_goes_to_the_dead_letters(backend: Backend) -> 
 
     assert await consumer.dequeue() == []
     (dead,) = await consumer.dead_letters()
-    assert dead.id == "bad"
+    assert (dead.id, dead.payload) == ("bad", b"\xff not json")
     assert dead.error is not None and "JSON" in dead.error
 
 

@@ -10,7 +10,7 @@ import sitq
 DOCUMENTED = {
     "TaskQueue", "SyncTaskQueue", "Worker", "SQLiteBackend", "MemoryBackend",
     "PostgresBackend", "Result", "Task", "ReservedTask", "TaskStatus", "RetryPolicy",
-    "Retry", "FakeClock", "Producer", "Consumer", "Message", "SitqError",
+    "Retry", "FakeClock", "Producer", "Consumer", "Message", "DeadLetter", "SitqError",
     "ValidationError", "SerializationError", "ResultTimeoutError", "SyncClientError",
     "TaskTimeoutError", "LeaseLostError", "TaskNotFoundError",
 }  # fmt: skip

@@ -8,7 +8,7 @@ from sitq.backends.base import Backend
 from sitq.backends.memory import MemoryBackend
 from sitq.backends.sqlite import SQLiteBackend
 from sitq.clock import Clock, FakeClock, SystemClock
-from sitq.core import Message, ReservedTask, Result, Task, TaskStatus
+from sitq.core import DeadLetter, Message, ReservedTask, Result, Task, TaskStatus
 from sitq.errors import (
     BackendError,
     LeaseLostError,
@@ -49,6 +49,7 @@ __all__ = [
     "Clock",
     "CloudpickleSerializer",
     "Consumer",
+    "DeadLetter",
     "FakeClock",
     "JsonSerializer",
     "LeaseLostError",

@@ -56,6 +56,9 @@ class Task:
     error: str | None
     traceback: str | None
     result: bytes | None
+    #: The stored payload (a message's JSON, a task's serialized call), in listings
+    #: that ask for it (``TaskQuery(payloads=True)``); ``None`` otherwise.
+    payload: bytes | None = None
 
     @property
     def eta(self) -> datetime:
@@ -122,3 +125,19 @@ class Message:
     enqueued_at: datetime
     visible_at: datetime
     read_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that was read ``max_deliveries`` times without being finished (or
+    whose stored body was not JSON), as :meth:`Consumer.dead_letters` lists it."""
+
+    id: str
+    queue: str
+    #: The JSON value; the stored bytes if they are not valid JSON (which only a
+    #: writer other than sitq can produce).
+    payload: Any
+    enqueued_at: datetime
+    read_count: int
+    error: str | None
+    died_at: datetime | None

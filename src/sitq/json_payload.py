@@ -26,6 +26,17 @@ def encode_payload(payload: Any) -> bytes:
         raise SerializationError("payload is nested too deeply (or is circular)") from None
 
 
+def payload_or_bytes(data: bytes | None) -> Any:
+    """A stored payload's JSON value, or the bytes themselves when they are not JSON
+    (a body written by something other than sitq), for listings that must show it."""
+    if data is None:
+        return None
+    try:
+        return JSON.loads(data)
+    except SerializationError:
+        return data
+
+
 def _check_json(value: Any, path: str) -> None:
     if value is None or isinstance(value, bool | int | str):
         return

@@ -47,14 +47,14 @@ from sitq.backends.base import (
     TaskQuery,
 )
 from sitq.clock import SYSTEM_CLOCK, Clock
-from sitq.core import JobKind, Message, ReservedTask, Task, TaskStatus
+from sitq.core import DeadLetter, JobKind, Message, ReservedTask, Task, TaskStatus
 from sitq.errors import (
     LeaseLostError,
     SerializationError,
     TaskNotFoundError,
     ValidationError,
 )
-from sitq.json_payload import JSON, encode_payload
+from sitq.json_payload import JSON, encode_payload, payload_or_bytes
 from sitq.metrics import QueueMetrics, metrics_of
 from sitq.queue import new_id, queue_name
 from sitq.scheduling import seconds_from
@@ -344,17 +344,28 @@ class Consumer(_Client):
 
     # -- dead letters ---------------------------------------------------------------
 
-    async def dead_letters(self, limit: int = 100) -> list[Task]:
-        """Messages of this queue in the ``dead`` state, newest first.
-
-        Each ``Task`` has the message's id, ``attempts`` (its read count) and ``error``
-        (why it died); the payload is not part of the listing.
-        """
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Messages of this queue in the ``dead`` state, newest first, with their
+        payloads, read counts and why they died."""
         _positive_int(limit, "limit")
         await self._ready()
-        return await self.backend.list_jobs(
-            TaskQuery(status=TaskStatus.DEAD, queue=self.queue, kind=_KIND, limit=limit)
+        found = await self.backend.list_jobs(
+            TaskQuery(
+                status=TaskStatus.DEAD, queue=self.queue, kind=_KIND, limit=limit, payloads=True
+            )
         )
+        return [
+            DeadLetter(
+                id=task.id,
+                queue=task.queue,
+                payload=payload_or_bytes(task.payload),
+                enqueued_at=task.enqueued_at,
+                read_count=task.attempts,
+                error=task.error,
+                died_at=task.finished_at,
+            )
+            for task in found
+        ]
 
     async def requeue(self, message_id: str) -> bool:
         """Make a dead (or cancelled) message of this queue visible again, with its read

@@ -116,6 +116,8 @@ class TaskQuery:
     queue: str | None = None
     kind: JobKind | None = None
     limit: int = 100
+    #: Also return each job's stored payload (``Task.payload``).
+    payloads: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,8 @@ def task_from_row(row: Sequence[Any], moment: Callable[[Any], datetime]) -> Task
     """A ``Task`` from the columns the SQL backends select for it, in this order: id,
     queue, kind, status, priority, attempts, max_attempts, enqueued_at, available_at,
     started_at, finished_at, interval (microseconds), series_id, error, traceback,
-    result. ``moment`` turns a stored time into an aware UTC datetime."""
+    result, and optionally payload. ``moment`` turns a stored time into an aware UTC
+    datetime."""
     return Task(
         id=row[0],
         queue=row[1],
@@ -155,6 +158,7 @@ def task_from_row(row: Sequence[Any], moment: Callable[[Any], datetime]) -> Task
         error=row[13],
         traceback=row[14],
         result=None if row[15] is None else bytes(row[15]),
+        payload=bytes(row[16]) if len(row) > 16 else None,
     )
 
 

@@ -61,7 +61,7 @@ class _Row:
             and self.lease_expires_at <= request.now
         )
 
-    def to_task(self) -> Task:
+    def to_task(self, with_payload: bool = False) -> Task:
         job = self.job
         return Task(
             id=job.id,
@@ -80,6 +80,7 @@ class _Row:
             error=self.error,
             traceback=self.traceback,
             result=self.result,
+            payload=job.payload if with_payload else None,
         )
 
 
@@ -273,7 +274,7 @@ class MemoryBackend(Backend):
                 and (query.kind is None or row.job.kind == query.kind)
             ]
             rows.sort(key=lambda row: (row.job.enqueued_at, row.seq), reverse=True)
-            return [row.to_task() for row in rows[: query.limit]]
+            return [row.to_task(query.payloads) for row in rows[: query.limit]]
 
     async def queue_stats(self, now: datetime) -> list[QueueStats]:
         stats: dict[str, QueueStats] = {}

@@ -655,9 +655,8 @@ class PostgresBackend(Backend):
                 clauses.append(f"{column} = %({column})s")
                 params[column] = value
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        statement = (
-            f"{self._sql.list_prefix}{where} ORDER BY enqueued_at DESC, seq DESC LIMIT %(limit)s"
-        )
+        prefix = self._sql.list_with_payload_prefix if query.payloads else self._sql.list_prefix
+        statement = f"{prefix}{where} ORDER BY enqueued_at DESC, seq DESC LIMIT %(limit)s"
 
         async def work(conn: Conn) -> list[Any]:
             cursor = await conn.execute(statement, params)

@@ -320,6 +320,7 @@ class Statements:
     delete: str
     get: str
     list_prefix: str
+    list_with_payload_prefix: str
     queue_stats: str
     next_due_all: str
     next_due_queues: str
@@ -354,6 +355,7 @@ class Statements:
             delete=f"DELETE FROM {table} WHERE id = %(id)s",
             get=f"SELECT {TASK_COLUMNS} FROM {table} WHERE id = %(id)s",
             list_prefix=f"SELECT {TASK_COLUMNS} FROM {table}",
+            list_with_payload_prefix=f"SELECT {TASK_COLUMNS}, payload FROM {table}",
             queue_stats=fill(_QUEUE_STATS),
             next_due_all=fill(_NEXT_DUE, queue_filter=""),
             next_due_queues=fill(_NEXT_DUE, queue_filter=" AND j.queue = ANY(%(queues)s)"),

@@ -585,7 +585,8 @@ class SQLiteBackend(Backend):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._read(
             lambda conn: conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM sitq_jobs{where}"
+                f"SELECT {_TASK_COLUMNS}{', payload' if query.payloads else ''}"
+                f" FROM sitq_jobs{where}"
                 " ORDER BY enqueued_at DESC, rowid DESC LIMIT ?",
                 [*params, query.limit],
             ).fetchall()

@@ -240,22 +240,17 @@ def messages() -> None:
 def messages_list(
     backend_url: str | None, queue: str | None, status: str | None, limit: int, as_json: bool
 ) -> None:
-    """Messages newest first, with when each becomes visible to consumers."""
+    """Messages newest first, with their payloads and when each becomes visible."""
     query = TaskQuery(
         status=None if status is None else TaskStatus(status),
         queue=queue,
         kind="message",
         limit=limit,
+        payloads=True,
     )
     found = with_queue(backend_url, lambda q: q.backend.list_jobs(query))
     if as_json:
-        rows = []
-        for message in found:
-            data = output.task_dict(message)
-            data["visible_at"] = data["available_at"]
-            data["read_count"] = message.attempts
-            rows.append(data)
-        output.emit_json(rows)
+        output.emit_json([output.message_dict(message) for message in found])
     elif found:
         click.echo(output.message_table(found))
     else:

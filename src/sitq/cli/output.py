@@ -17,7 +17,11 @@ import click
 
 from sitq.backends.base import QueueStats
 from sitq.core import Task
+from sitq.json_payload import payload_or_bytes
 from sitq.metrics import metrics_from
+
+#: How much of a message's payload a table row shows.
+PAYLOAD_PREVIEW = 40
 
 # -- durations -------------------------------------------------------------------------
 
@@ -162,6 +166,30 @@ def task_table(tasks: Sequence[Task]) -> str:
     return table(headers, rows)
 
 
+def message_dict(message: Task) -> dict[str, Any]:
+    """A message as JSON: its task fields, read count, visibility time and payload (a
+    body that is not JSON, which only a foreign writer can store, as ``payload_raw``)."""
+    data = task_dict(message)
+    data["visible_at"] = data["available_at"]
+    data["read_count"] = message.attempts
+    payload = payload_or_bytes(message.payload)
+    if isinstance(payload, bytes):
+        data["payload"] = None
+        data["payload_raw"] = payload.decode("utf-8", "replace")
+    else:
+        data["payload"] = payload
+    return data
+
+
+def payload_preview(message: Task) -> str:
+    payload = payload_or_bytes(message.payload)
+    if isinstance(payload, bytes):
+        text = repr(payload)
+    else:
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= PAYLOAD_PREVIEW else text[: PAYLOAD_PREVIEW - 3] + "..."
+
+
 def message_table(messages: Sequence[Task]) -> str:
     rows = [
         (
@@ -171,10 +199,11 @@ def message_table(messages: Sequence[Task]) -> str:
             message.attempts,
             format_time(message.enqueued_at),
             format_time(message.available_at),
+            payload_preview(message),
         )
         for message in messages
     ]
-    return table(("ID", "QUEUE", "STATUS", "READS", "ENQUEUED", "VISIBLE AT"), rows)
+    return table(("ID", "QUEUE", "STATUS", "READS", "ENQUEUED", "VISIBLE AT", "PAYLOAD"), rows)
 
 
 def task_details(task: Task) -> str:
