@@ -501,6 +501,22 @@ def test_errors(args: list[str], code: int, message: str, tmp_path: Path) -> Non
         assert result.stderr.count("\n") == 1, result.stderr
 
 
+def test_inspecting_a_missing_postgres_schema_is_not_found_and_creates_nothing(
+    pg_schema: str,
+) -> None:
+    import psycopg
+
+    result = sitq("queues", "-b", f"{POSTGRES_DSN}?schema={pg_schema}")
+    assert result.returncode == 1
+    assert f'no sitq schema "{pg_schema}"' in result.stderr
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s",
+            (pg_schema,),
+        ).fetchone()
+    assert row == (0,)
+
+
 def test_missing_postgres_database_is_not_found() -> None:
     from conftest import require_postgres
 

@@ -53,8 +53,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def open_backend(url: str | None, *, must_exist: bool) -> Backend:
     """The backend ``url`` names, checked enough to fail with one clear line.
 
-    ``must_exist``: an SQLite file that does not exist is an error rather than being
-    created (inspection must not leave empty databases behind after a typo).
+    ``must_exist``: an SQLite file or a PostgreSQL schema that does not exist is an
+    error rather than being created (inspection must not leave empty databases or
+    schemas behind after a typo).
     """
     if not url:
         raise CliError(f"no backend: pass --backend URL or set {BACKEND_ENV}", EXIT_USAGE)
@@ -75,24 +76,32 @@ def open_backend(url: str | None, *, must_exist: bool) -> Backend:
                 EXIT_NOT_FOUND,
             )
     if urlsplit(url).scheme.lower() in {"postgres", "postgresql"}:
-        _check_postgres(getattr(backend, "dsn", url))
+        schema: str = getattr(backend, "schema", "sitq")
+        if not _check_postgres(getattr(backend, "dsn", url), schema) and must_exist:
+            raise CliError(
+                f'no sitq schema "{schema}" in this database '
+                "(a worker or `sitq migrate` creates it)",
+                EXIT_NOT_FOUND,
+            )
     return backend
 
 
-def _check_postgres(dsn: str) -> None:
+def _check_postgres(dsn: str, schema: str) -> bool:
     """Connect once, so a wrong host or database fails at once with the server's words
-    (the backend's pool retries quietly until its timeout)."""
+    (the backend's pool retries quietly until its timeout). Returns whether sitq's
+    tables exist in ``schema``."""
     import psycopg
 
     try:
-        with psycopg.connect(dsn, connect_timeout=10):
-            pass
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".sitq_jobs',)).fetchone()
     except psycopg.Error as exc:
         text = " ".join(str(exc).split())
         missing = re.search(r'database "[^"]*" does not exist', text) is not None
         raise CliError(
             f"cannot connect to PostgreSQL: {text}", EXIT_NOT_FOUND if missing else EXIT_BACKEND
         ) from None
+    return row is not None and row[0] is not None
 
 
 def with_queue(url: str | None, work: Callable[[TaskQueue], Awaitable[T]]) -> T:
