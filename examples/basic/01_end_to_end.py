@@ -24,7 +24,7 @@ async def main() -> None:
         async with TaskQueue(backend=backend) as queue:
             greet_id = await queue.enqueue(greet, "World")
             add_id = await queue.enqueue(add, 2, b=3)
-            print(f"Enqueued tasks {greet_id[:8]} (async) and {add_id[:8]} (sync)")
+            print(f"Enqueued tasks {greet_id[-8:]} (async) and {add_id[-8:]} (sync)")
 
             worker = Worker(backend)
             await worker.start()
@@ -34,7 +34,7 @@ async def main() -> None:
                 result = await queue.get_result(task_id, timeout=10)
                 assert result is not None and result.status == "success"
                 value = queue.deserialize_result(result)
-                print(f"Task {task_id[:8]}: status={result.status} value={value!r}")
+                print(f"Task {task_id[-8:]}: status={result.status} value={value!r}")
 
             await worker.stop()
             print("Worker stopped")

@@ -39,7 +39,7 @@ def main() -> None:
             for task_id in task_ids:
                 result = queue.get_result(task_id, timeout=10)
                 assert result is not None and result.status == "success"
-                print(f"Task {task_id[:8]}: {queue.deserialize_result(result)}")
+                print(f"Task {task_id[-8:]}: {queue.deserialize_result(result)}")
 
         stop.set()
         worker_thread.join()
