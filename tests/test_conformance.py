@@ -596,3 +596,13 @@ async def test_purge_removes_only_old_finished_jobs_in_the_given_statuses(
     assert await backend.purge(at(10), []) == 0
     remaining = {t.id for t in await backend.list_jobs(TaskQuery())}
     assert remaining == {"new-ok", "running", "pending"}
+
+
+async def test_purge_with_a_limit_deletes_at_most_that_many(backend: Backend) -> None:
+    await backend.enqueue([job(f"done{n}") for n in range(5)])
+    await backend.claim(claim_req("w1", now=0))
+    for n in range(5):
+        await backend.finish(Finish(f"done{n}", "w1", TaskStatus.SUCCESS, at(1)))
+    success = [TaskStatus.SUCCESS]
+    assert [await backend.purge(at(10), success, 2) for _ in range(4)] == [2, 2, 1, 0]
+    assert await backend.list_jobs(TaskQuery()) == []

@@ -903,6 +903,58 @@ async def test_purge_removes_only_finished_tasks_older_than_the_cutoff(
     assert {task.id for task in await queue.list_tasks()} == {pending}
 
 
+async def test_purge_works_in_batches_and_reports_each(
+    queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sitq.queue
+
+    monkeypatch.setattr(sitq.queue, "PURGE_BATCH", 2)
+    ids = await queue.enqueue_many([(record, ("x",))] * 5)
+    for task_id in ids:
+        assert await queue.cancel(task_id)
+    clock.advance(timedelta(seconds=1))
+    batches: list[int] = []
+    assert await queue.purge(progress=batches.append) == 5
+    assert batches == [2, 2, 1]
+    assert await queue.purge(progress=batches.append) == 0
+    assert batches == [2, 2, 1, 0]
+
+
+async def test_worker_prunes_a_large_backlog_a_batch_per_idle_turn(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sitq.worker
+
+    monkeypatch.setattr(sitq.worker, "PRUNE_BATCH", 2)
+    ids = await queue.enqueue_many([(record, ("x",))] * 5)
+    for task_id in ids:
+        assert await queue.cancel(task_id)
+    clock.advance(timedelta(hours=2))
+    purged: list[int] = []
+    purge = backend.purge
+
+    async def counting_purge(*args: Any) -> int:
+        removed = await purge(*args)
+        purged.append(removed)
+        return removed
+
+    monkeypatch.setattr(backend, "purge", counting_purge)
+    worker = fake_worker(backend, clock, retention=timedelta(hours=1), poll_interval=1)
+
+    async def all_gone() -> bool:
+        if await queue.list_tasks():
+            clock.advance(timedelta(seconds=1))  # the next idle turn
+            return False
+        return True
+
+    started = clock.now()
+    async with serving(worker):
+        await wait_until(all_gone)
+    assert purged[:3] == [2, 2, 1]
+    # Batch after batch at idle turns, not one batch per PRUNE_EVERY.
+    assert clock.now() - started < sitq.worker.PRUNE_EVERY
+
+
 async def test_worker_retention_prunes_as_time_passes(
     backend: Backend, queue: TaskQueue, clock: FakeClock
 ) -> None:

@@ -28,6 +28,8 @@ RESERVED_OPTIONS = frozenset(
     {"eta", "delay", "interval", "queue", "priority", "max_retries", "retry", "timeout"}
 )
 
+#: Jobs ``purge`` deletes per transaction.
+PURGE_BATCH = 10_000
 #: Finished statuses ``purge`` removes by default.
 PURGEABLE = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD)
 
@@ -333,13 +335,28 @@ class TaskQueue:
         self,
         older_than: float | timedelta = 0,
         statuses: Iterable[TaskStatus | str] = PURGEABLE,
+        *,
+        progress: Callable[[int], object] | None = None,
     ) -> int:
-        """Delete finished jobs that finished more than ``older_than`` ago."""
+        """Delete finished jobs that finished more than ``older_than`` ago; count them.
+
+        Deletes ``PURGE_BATCH`` jobs per transaction, so purging a large backlog never
+        holds the database's write lock for long; ``progress`` is called with each
+        batch's count.
+        """
         wanted = [_status(status) for status in statuses]
         if any(status not in FINISHED_STATUSES for status in wanted):
             raise ValidationError("purge only removes finished jobs")
         cutoff = self.clock.now() - seconds_from(older_than, "older_than")
-        return await self.backend.purge(cutoff, [s for s in wanted if s is not None])
+        chosen = [s for s in wanted if s is not None]
+        total = 0
+        while True:
+            removed = await self.backend.purge(cutoff, chosen, PURGE_BATCH)
+            total += removed
+            if progress is not None and (removed or not total):
+                progress(removed)
+            if removed < PURGE_BATCH:
+                return total
 
 
 def _result(task: Task) -> Result:

@@ -44,6 +44,8 @@ logger = logging.getLogger("sitq.worker")
 
 #: How often a worker prunes finished jobs older than its ``retention``.
 PRUNE_EVERY = timedelta(minutes=1)
+#: Jobs pruned per idle turn (one transaction); a full batch prunes again next turn.
+PRUNE_BATCH = 5_000
 
 
 @dataclass(eq=False)
@@ -292,12 +294,17 @@ class Worker:
             removed = await self.backend.purge(
                 self.clock.now() - self.retention,
                 [status for status in TaskStatus if status in FINISHED_STATUSES],
+                PRUNE_BATCH,
             )
         except Exception:
             logger.exception("could not prune finished jobs; will try again")
             return
         if removed:
             logger.info("pruned %d finished jobs older than %s", removed, self.retention)
+        if removed >= PRUNE_BATCH:
+            # More are due: prune again at the next idle turn, between claims, rather
+            # than hold the write lock for the whole backlog at once.
+            self._last_prune = moment - PRUNE_EVERY.total_seconds()
 
     # -- running one task --------------------------------------------------------------
 

@@ -274,5 +274,11 @@ class Backend(abc.ABC):
         """The earliest ``available_at`` among pending jobs, or ``None`` if there are none."""
 
     @abc.abstractmethod
-    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
-        """Delete jobs in ``statuses`` that finished before the given time; count them."""
+    async def purge(
+        self,
+        finished_before: datetime,
+        statuses: Sequence[TaskStatus],
+        limit: int | None = None,
+    ) -> int:
+        """Delete jobs in ``statuses`` that finished before the given time, at most
+        ``limit`` of them (all when ``None``), in one transaction; count them."""

@@ -307,7 +307,12 @@ class MemoryBackend(Backend):
             ]
         return min(due, default=None)
 
-    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+    async def purge(
+        self,
+        finished_before: datetime,
+        statuses: Sequence[TaskStatus],
+        limit: int | None = None,
+    ) -> int:
         wanted = set(statuses)
         with self._lock:
             doomed = [
@@ -316,7 +321,7 @@ class MemoryBackend(Backend):
                 if row.status in wanted
                 and row.finished_at is not None
                 and row.finished_at < finished_before
-            ]
+            ][:limit]
             for job_id in doomed:
                 del self._rows[job_id]
         return len(doomed)

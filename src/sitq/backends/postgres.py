@@ -688,14 +688,23 @@ class PostgresBackend(Backend):
         row = await self._read(work)
         return None if row is None else utc(row[0])
 
-    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+    async def purge(
+        self,
+        finished_before: datetime,
+        statuses: Sequence[TaskStatus],
+        limit: int | None = None,
+    ) -> int:
         if not statuses:
             return 0
 
         async def work(conn: Conn) -> int:
             cursor = await conn.execute(
                 self._sql.purge,
-                {"before": finished_before, "statuses": [status.value for status in statuses]},
+                {
+                    "before": finished_before,
+                    "statuses": [status.value for status in statuses],
+                    "limit": limit,
+                },
             )
             return cursor.rowcount
 

@@ -359,8 +359,11 @@ class Statements:
             queue_stats=fill(_QUEUE_STATS),
             next_due_all=fill(_NEXT_DUE, queue_filter=""),
             next_due_queues=fill(_NEXT_DUE, queue_filter=" AND j.queue = ANY(%(queues)s)"),
+            # LIMIT NULL is no limit. By id array, as in the claim: primary-key probes.
             purge=(
-                f"DELETE FROM {table} WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
+                f"DELETE FROM {table} WHERE id = ANY(ARRAY(SELECT id FROM {table}"
+                " WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
+                " LIMIT %(limit)s))"
             ),
             migrations=tuple(fill(script) for script in MIGRATIONS),
         )

@@ -624,15 +624,25 @@ class SQLiteBackend(Backend):
         )
         return _maybe_time(row[0])
 
-    async def purge(self, finished_before: datetime, statuses: Sequence[TaskStatus]) -> int:
+    async def purge(
+        self,
+        finished_before: datetime,
+        statuses: Sequence[TaskStatus],
+        limit: int | None = None,
+    ) -> int:
         if not statuses:
             return 0
         marks = ", ".join("?" * len(statuses))
         return await self._write(
             lambda conn: (
                 conn.execute(
-                    f"DELETE FROM sitq_jobs WHERE finished_at < ? AND status IN ({marks})",
-                    [to_micros(finished_before), *(status.value for status in statuses)],
+                    "DELETE FROM sitq_jobs WHERE rowid IN (SELECT rowid FROM sitq_jobs"
+                    f" WHERE finished_at < ? AND status IN ({marks}) LIMIT ?)",
+                    [
+                        to_micros(finished_before),
+                        *(status.value for status in statuses),
+                        -1 if limit is None else limit,  # SQLite: a negative LIMIT is none
+                    ],
                 ).rowcount
             )
         )

@@ -279,15 +279,19 @@ def messages_list(
 def purge(
     backend_url: str | None, older_than: timedelta, statuses: Sequence[str], as_json: bool
 ) -> None:
-    """Delete finished jobs, one status at a time, reporting progress on stderr."""
+    """Delete finished jobs, one status at a time and in batches, reporting each batch
+    on stderr."""
     wanted = [TaskStatus(s) for s in statuses] if statuses else list(PURGEABLE)
 
     async def work(queue: TaskQueue) -> dict[str, int]:
         removed: dict[str, int] = {}
         for index, status in enumerate(wanted, start=1):
-            count = await queue.purge(older_than, [status])
-            removed[status.value] = count
-            click.echo(f"[{index}/{len(wanted)}] {status.value}: removed {count}", err=True)
+            step = f"[{index}/{len(wanted)}] {status.value}"
+
+            def report(count: int, step: str = step) -> None:
+                click.echo(f"{step}: removed {count}", err=True)
+
+            removed[status.value] = await queue.purge(older_than, [status], progress=report)
         return removed
 
     removed = with_queue(backend_url, work)
