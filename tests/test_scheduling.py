@@ -903,15 +903,19 @@ async def test_purge_removes_only_finished_tasks_older_than_the_cutoff(
     assert {task.id for task in await queue.list_tasks()} == {pending}
 
 
+async def cancel_tasks(queue: TaskQueue, count: int) -> None:
+    """``count`` finished (cancelled) tasks, finished now."""
+    for task_id in await queue.enqueue_many([(record, ("x",))] * count):
+        assert await queue.cancel(task_id)
+
+
 async def test_purge_works_in_batches_and_reports_each(
     queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sitq.queue
 
     monkeypatch.setattr(sitq.queue, "PURGE_BATCH", 2)
-    ids = await queue.enqueue_many([(record, ("x",))] * 5)
-    for task_id in ids:
-        assert await queue.cancel(task_id)
+    await cancel_tasks(queue, 5)
     clock.advance(timedelta(seconds=1))
     batches: list[int] = []
     assert await queue.purge(progress=batches.append) == 5
@@ -926,9 +930,7 @@ async def test_worker_prunes_a_large_backlog_a_batch_per_idle_turn(
     import sitq.worker
 
     monkeypatch.setattr(sitq.worker, "PRUNE_BATCH", 2)
-    ids = await queue.enqueue_many([(record, ("x",))] * 5)
-    for task_id in ids:
-        assert await queue.cancel(task_id)
+    await cancel_tasks(queue, 5)
     clock.advance(timedelta(hours=2))
     purged: list[int] = []
     purge = backend.purge
