@@ -18,7 +18,7 @@ from pathlib import Path
 
 import floors
 import scenarios
-from common import percentile
+from common import Drain, percentile
 from report import Metric, Results, Target, at_least, below, ratio_to, table
 from scenarios import Settings, System
 
@@ -81,34 +81,15 @@ async def measure(systems: list[System], settings: Settings, targets: dict[str, 
 
         plain: dict[int, float] = {}
         for concurrency in settings.concurrencies:
-            drains = []
-            started = time.monotonic()
-            # Repeat fast drains only: a slow system's one run is already long and steady.
-            while len(drains) < settings.repeats and (
-                not drains or time.monotonic() - started < REPEAT_BUDGET_SECONDS
-            ):
-                drains.append(
-                    await scenarios.drain(
-                        system, settings.drain_count, concurrency, settings.drain_timeout
-                    )
-                )
-            drained = sorted(drains, key=lambda run: run.rate)[len(drains) // 2]
+            drained = await median_drain(system, settings, concurrency)
             plain[concurrency] = drained.rate
             note = f"{drained.completed:,} done in time limit" if drained.partial else ""
             results.put(system.name, metric[f"drain_{concurrency}"], drained.rate, note)
 
         c = settings.backlog_concurrency
         if c not in plain:
-            plain[c] = (
-                await scenarios.drain(system, settings.drain_count, c, settings.drain_timeout)
-            ).rate
-        drained = await scenarios.drain(
-            system,
-            settings.drain_count,
-            c,
-            settings.drain_timeout,
-            backlog=settings.backlog_count,
-        )
+            plain[c] = (await median_drain(system, settings, c)).rate
+        drained = await median_drain(system, settings, c, backlog=settings.backlog_count)
         note = (
             f"{drained.completed:,} done in {settings.drain_timeout:.0f}s"
             if drained.partial
@@ -129,6 +110,24 @@ async def measure(systems: list[System], settings: Settings, targets: dict[str, 
         results.put(system.name, metric["eta_p50"], 1000 * late.p(50), missing)
         results.put(system.name, metric["eta_p99"], 1000 * late.p(99), missing)
     return results
+
+
+async def median_drain(
+    system: System, settings: Settings, concurrency: int, backlog: int = 0
+) -> Drain:
+    """The median of up to ``settings.repeats`` drains (with their set-up). Fast runs
+    only are repeated: a slow system's one run is already long and steady."""
+    drains: list[Drain] = []
+    started = time.monotonic()
+    while len(drains) < settings.repeats and (
+        not drains or time.monotonic() - started < REPEAT_BUDGET_SECONDS
+    ):
+        drains.append(
+            await scenarios.drain(
+                system, settings.drain_count, concurrency, settings.drain_timeout, backlog
+            )
+        )
+    return sorted(drains, key=lambda run: run.rate)[len(drains) // 2]
 
 
 def sqlite_targets() -> dict[str, Target]:
