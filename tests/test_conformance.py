@@ -199,6 +199,26 @@ async def test_claim_batch_is_returned_in_priority_then_due_order(backend: Backe
     assert [r.id for r in await backend.claim(claim_req(now=5, limit=3))] == ["a", "b", "c"]
 
 
+async def test_claim_and_next_due_pass_over_priorities_with_nothing_due(
+    backend: Backend,
+) -> None:
+    """Priorities are searched level by level; a level whose jobs are all scheduled
+    later, or in other queues, must neither block nor leak into the result."""
+    await backend.enqueue(
+        [
+            job("future-high", priority=9, due=100),
+            job("due-low", priority=0, due=0),
+            job("due-mid", priority=3, due=1),
+            job("other-queue", priority=5, due=2, queue="q2"),
+        ]
+    )
+    claimed = await backend.claim(claim_req(now=10, limit=5, queues=("default",)))
+    assert [r.id for r in claimed] == ["due-mid", "due-low"]
+    assert await backend.next_due("task", None) == at(2)
+    assert await backend.next_due("task", ("default",)) == at(100)
+    assert await backend.claim(claim_req(now=10, limit=5, queues=("default",))) == []
+
+
 async def test_concurrent_claims_hand_each_job_to_one_owner(
     backend: Backend, backend_kind: str, make_backend: Callable[[str], Backend]
 ) -> None:
