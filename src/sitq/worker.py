@@ -201,6 +201,14 @@ class Worker:
         processed_before = self.processed
         try:
             while not self._stopping:
+                if self._outcomes and len(self._outcomes) < len(self._running):
+                    # Group commit without waiting: give tasks finishing right now one
+                    # loop turn (results handed back from threads, coroutines about to
+                    # return) to join this settle, and free their slots for its claim.
+                    # Measured on SQLite with 8 slots of short sync tasks: 3.9 -> 4.7
+                    # tasks per transaction, 10% more tasks/s. It costs one loop turn,
+                    # and nothing when a lone task ran.
+                    await asyncio.sleep(0)
                 free = self.max_concurrency - len(self._running)
                 if free <= 0 and not self._outcomes:
                     wake.clear()
@@ -214,13 +222,6 @@ class Worker:
                     )
                     self._last_claim = claim
                 settled_any = bool(self._outcomes)
-                if self._outcomes and len(self._outcomes) < len(self._running):
-                    # Group commit without waiting: give tasks finishing right now one
-                    # loop turn (results handed back from threads, coroutines about to
-                    # return) to join this settle. Measured on SQLite with 8 slots of
-                    # short sync tasks: 3.9 -> 4.7 tasks per transaction, 10% more
-                    # tasks/s; it costs one loop turn, and nothing when a lone task ran.
-                    await asyncio.sleep(0)
                 claimed = await self._settle(claim)
                 if claimed is None:  # storage failed; _settle logged it
                     await self._idle(wake)
