@@ -219,6 +219,22 @@ async def test_claim_and_next_due_pass_over_priorities_with_nothing_due(
     assert await backend.claim(claim_req(now=10, limit=5, queues=("default",))) == []
 
 
+async def test_jobs_turning_dead_do_not_shorten_a_claim(backend: Backend) -> None:
+    """A job read more than max_deliveries times turns 'dead' when a claim finds it;
+    the claim still fills its slots with live jobs, through settle as through claim."""
+    once = [replace(job(name, due=0), max_deliveries=1) for name in ("a", "b", "c", "d")]
+    await backend.enqueue(once)
+    await backend.claim(claim_req("w1", now=0))  # each is read once; w1 then "dies"
+    later = LEASE.total_seconds() + 1
+    await backend.enqueue([job(f"fresh{n}", due=later) for n in range(4)])
+
+    settled = await backend.settle([], claim_req("w2", now=later, limit=2))
+    claimed = await backend.claim(claim_req("w2", now=later, limit=2))
+    assert [r.id for r in settled.claimed + claimed] == [f"fresh{n}" for n in range(4)]
+    dead = await backend.list_jobs(TaskQuery(status=TaskStatus.DEAD))
+    assert sorted(t.id for t in dead) == ["a", "b", "c", "d"]
+
+
 async def test_concurrent_claims_hand_each_job_to_one_owner(
     backend: Backend, backend_kind: str, make_backend: Callable[[str], Backend]
 ) -> None:

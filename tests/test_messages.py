@@ -314,6 +314,21 @@ async def test_message_read_too_often_is_dead_then_requeued(backend: Backend) ->
     assert (revived.id, revived.read_count, revived.payload) == (message_id, 1, {"poison": True})
 
 
+async def test_messages_turning_dead_do_not_shorten_a_dequeue(backend: Backend) -> None:
+    """Messages whose last allowed read ran out are moved to the dead letters by the
+    dequeue that finds them; the batch is still filled from the visible ones."""
+    clock = FakeClock()
+    producer, consumer = make(backend, clock, max_deliveries=1)
+    await producer.enqueue_many([{"poison": 1}, {"poison": 2}])
+    assert len(await consumer.dequeue(batch_size=2)) == 2
+    clock.advance(VT + 1)  # the consumer "crashed" with both
+    fresh = await producer.enqueue_many([{"fresh": n} for n in range(3)])
+
+    batch = await consumer.dequeue(batch_size=3)
+    assert [m.id for m in batch] == fresh
+    assert len(await consumer.dead_letters()) == 2
+
+
 async def test_released_message_also_dies_after_max_deliveries(backend: Backend) -> None:
     clock = FakeClock()
     producer, consumer = make(backend, clock, max_deliveries=3)

@@ -35,7 +35,7 @@ import random
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -495,19 +495,30 @@ class PostgresBackend(Backend):
             params["queues"] = list(request.queues)
         return await conn.execute(statement, params)
 
-    async def _claimed(self, cursor: Cursor | None) -> list[ReservedTask]:
+    async def _claimed(self, cursor: Cursor | None) -> tuple[list[ReservedTask], int]:
+        """The jobs a claim leased, and how many of the slots went to jobs that turned
+        'dead' instead (read too many times: they come back too, marked so)."""
         if cursor is None:
-            return []
-        # Jobs that turned 'dead' (read too many times) come back too; hand out the rest.
-        rows = [row for row in await cursor.fetchall() if row[12] == "running"]
-        return [reserved_from_row(row) for row in sorted(rows, key=claim_order)]
+            return [], 0
+        rows = await cursor.fetchall()
+        live = [row for row in rows if row[12] == "running"]
+        reserved = [reserved_from_row(row) for row in sorted(live, key=claim_order)]
+        return reserved, len(rows) - len(live)
 
     async def claim(self, request: ClaimRequest) -> list[ReservedTask]:
-        async def work(conn: Conn) -> list[ReservedTask]:
+        async def work(conn: Conn) -> tuple[list[ReservedTask], int]:
             return await self._claimed(await self._send_claim(conn, request))
 
         # One statement, atomic on its own: autocommit spares the BEGIN and COMMIT.
-        return await self._read(work)
+        claimed, died = await self._read(work)
+        return claimed + await self._refill(request, len(claimed), died)
+
+    async def _refill(self, request: ClaimRequest, leased: int, died: int) -> list[ReservedTask]:
+        """Claim again for the slots that jobs turning 'dead' took, if the claim was full
+        (else nothing else was due). Each round moves those jobs out of the way."""
+        if died and leased + died == request.limit:
+            return await self.claim(replace(request, limit=died))
+        return []
 
     async def extend_leases(
         self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
@@ -569,7 +580,7 @@ class PostgresBackend(Backend):
         # retry of a task whose cancellation was requested cancels it).
         due = any(isinstance(o, Reschedule) or o.next_run is not None for o in outcomes)
 
-        async def work(conn: Conn) -> Settled:
+        async def work(conn: Conn) -> tuple[Settled, int]:
             # Pipelined on an autocommit connection, with no BEGIN/COMMIT: everything
             # is sent before any answer is read, and reading (a flush, not a Sync)
             # leaves the statements in one implicit transaction that the Sync at the
@@ -591,14 +602,17 @@ class PostgresBackend(Backend):
                     if row is not None and isinstance(outcome, Finish) and not row[0]:
                         if outcome.next_run is not None:
                             next_runs.append(outcome.next_run)
-                claimed = await self._claimed(claim_cursor)
+                claimed, died = await self._claimed(claim_cursor)
                 if next_runs:
                     await self._insert(conn, next_runs)
-            return Settled(accepted, claimed)
+            return Settled(accepted, claimed), died
 
-        settled = await self._read(work)
+        settled, died = await self._read(work)
         if any(settled.accepted):
             self._wake(work=due, finished=True)
+        if claim is not None and died:
+            more = await self._refill(claim, len(settled.claimed), died)
+            settled = Settled(settled.accepted, settled.claimed + more)
         return settled
 
     async def _update_one(
