@@ -563,3 +563,28 @@ async def test_sqlite_watches_other_processes_only_where_something_waits(
             await client.get_result(task_id, timeout=0)
         assert len(watchers()) == 1
     assert [t for t in watchers() if not t.done()] == []
+
+
+def test_sqlite_threads_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """A worker and a client (or several processes) that open a new file together race
+    to switch it to WAL and create the schema; SQLite answers the losers 'database is
+    locked' at once. Each must wait its turn, not fail (it did about 1 time in 40)."""
+    failures: list[BaseException] = []
+
+    def open_backend(path: Path, start: threading.Barrier) -> None:
+        backend = SQLiteBackend(path)
+        start.wait()
+        try:
+            asyncio.run(backend.open())
+        except BaseException as exc:
+            failures.append(exc)
+
+    for round_ in range(60):
+        path = tmp_path / f"fresh-{round_}.db"
+        start = threading.Barrier(4)
+        threads = [threading.Thread(target=open_backend, args=(path, start)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []

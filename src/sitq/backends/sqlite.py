@@ -148,6 +148,18 @@ def _level_below(conn: sqlite3.Connection, kind: JobKind, level: int) -> int | N
     return cast(int | None, below)
 
 
+class _OpenRaceError(Exception):
+    """Opening met another connection opening the same file: switching a new file to
+    WAL and creating the schema take locks that SQLite reports as busy at once (its
+    busy timeout does not cover the journal-mode switch), and a connection that looks
+    at the WAL index while another creates it can report an I/O error. Both pass."""
+
+
+def _is_open_race(exc: sqlite3.OperationalError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return _is_busy(exc) or name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR"))
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -176,6 +188,11 @@ class SQLiteBackend(Backend):
     # -- connections and transactions ---------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (WAL mode, schema migrated) on first use.
+
+        Raises ``_OpenRaceError`` when opening met another connection opening the same new
+        file (see ``_OpenRaceError``); the caller tries again.
+        """
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
@@ -185,22 +202,30 @@ class SQLiteBackend(Backend):
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
             )
-            # Opening can race other processes switching the file to WAL: wait for them.
+        except sqlite3.Error as exc:
+            raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        try:
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            if not self._schema_ready:
+                self._migrate(conn)
             conn.execute("PRAGMA busy_timeout = 0")
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if _is_open_race(exc):
+                raise _OpenRaceError(str(exc)) from exc
             raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        # Kept only once it is ready: a failed set-up must not leave a half-open one.
         self._local.conn = conn
-        if not self._schema_ready:
-            self._migrate(conn)
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
@@ -208,22 +233,22 @@ class SQLiteBackend(Backend):
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise BackendError(f"cannot create the sitq schema in {self.path}: {exc}") from exc
-        finally:
-            conn.execute("PRAGMA busy_timeout = 0")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         self._schema_ready = True
 
     async def _retrying(self, attempt: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``attempt``; while another process holds the lock, pause and retry."""
-        conn = self._connection()
+        """Run ``attempt``; while another process holds the lock (or is opening the
+        file at the same moment), pause and retry."""
         pause = 0.0005
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                return attempt(conn)
+                return attempt(self._connection())
+            except _OpenRaceError as exc:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() > deadline:
                     raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
