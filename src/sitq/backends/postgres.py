@@ -96,6 +96,8 @@ class _LoopState:
     listener: asyncio.Task[None] | None = None
     #: Started by the first ``watch_finished`` on this loop (a ``get_result``).
     finished_listener: asyncio.Task[None] | None = None
+    #: Set while ``finished_listener`` is subscribed.
+    finished_listening: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
@@ -276,17 +278,21 @@ class PostgresBackend(Backend):
         state = await self._state()
         if state.finished_listener is None or state.finished_listener.done():
             state.finished_listener = self._listener(
-                self.finished_channel, self._finished, asyncio.Event()
+                self.finished_channel, self._finished, state.finished_listening
             )
         return self._finished
 
-    async def wait_listening(self, timeout: float = 10.0) -> None:
-        """Listen for new work, and return once subscribed (for tests, and callers that
-        must not miss the next notification)."""
-        await self.watch_work()
+    async def wait_listening(self, timeout: float = 10.0, *, finished: bool = False) -> None:
+        """Listen for new work (or, with ``finished``, for finished jobs), and return
+        once subscribed (for tests, and callers that must not miss the next one)."""
+        if finished:
+            await self.watch_finished()
+        else:
+            await self.watch_work()
         state = await self._state()
+        listening = state.finished_listening if finished else state.listening
         try:
-            await asyncio.wait_for(state.listening.wait(), timeout)
+            await asyncio.wait_for(listening.wait(), timeout)
         except TimeoutError as exc:
             raise BackendError("the LISTEN connection did not come up") from exc
 
