@@ -83,18 +83,21 @@ async def test_results_that_finish_while_the_loop_is_busy_arrive_in_one_hand_bac
         wakeups += 1
         return original(callback, *args, **kwargs)
 
-    finished = threading.Semaphore(0)
+    # Signalled once a thread has handed its result over (not merely returned).
+    handed_over = threading.Semaphore(0)
+    finish = runner._finish
 
-    def call(n: int) -> int:
-        finished.release()
-        return n
+    def finish_and_signal(done: Any) -> None:
+        finish(done)
+        handed_over.release()
 
+    runner._finish = finish_and_signal  # type: ignore[method-assign]
     loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
     try:
-        futures = [runner.submit(lambda n=n: call(n)) for n in range(4)]
-        # Keep the loop busy (no await) until every call has finished on its thread.
+        futures = [runner.submit(lambda n=n: n) for n in range(4)]
+        # Keep the loop busy (no await) until every thread has handed its result over.
         for _ in range(4):
-            assert finished.acquire(timeout=DEADLINE)
+            assert handed_over.acquire(timeout=DEADLINE)
         assert await asyncio.wait_for(asyncio.gather(*futures), DEADLINE) == [0, 1, 2, 3]
         assert wakeups == 1
     finally:
