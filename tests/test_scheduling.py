@@ -929,7 +929,7 @@ async def test_worker_prunes_a_large_backlog_a_batch_per_idle_turn(
 ) -> None:
     import sitq.worker
 
-    monkeypatch.setattr(sitq.worker, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(sitq.worker, "PURGE_BATCH", 2)
     await cancel_tasks(queue, 5)
     clock.advance(timedelta(hours=2))
     purged: list[int] = []

@@ -561,7 +561,8 @@ class Consumer(_Client):
         await self.clock.sleep_until(deadline, wake)
 
     async def _subscribe(self) -> asyncio.Event:
-        wake = (await self.backend.watch_work()).subscribe()
+        await self.backend.watch_work()
+        wake = self.backend.wakeup.subscribe()
         self._wakes.add(wake)
         if self._stopping:
             wake.set()

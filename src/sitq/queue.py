@@ -28,8 +28,8 @@ RESERVED_OPTIONS = frozenset(
     {"eta", "delay", "interval", "queue", "priority", "max_retries", "retry", "timeout"}
 )
 
-#: Jobs ``purge`` deletes per transaction.
-PURGE_BATCH = 10_000
+#: Jobs deleted per transaction, by ``purge`` and by workers pruning old results.
+PURGE_BATCH = 5_000
 #: Finished statuses ``purge`` removes by default.
 PURGEABLE = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD)
 

@@ -41,8 +41,8 @@ class ThreadRunner:
         self._idle = threading.Semaphore(0)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # Results on their way to the loop: non-empty exactly while a hand-back is due.
         self._finished: list[_Done] = []
-        self._hand_back_pending = False
         self._shut_down = False
 
     def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
@@ -86,9 +86,8 @@ class ThreadRunner:
     def _finish(self, done: _Done) -> None:
         with self._lock:
             self._finished.append(done)
-            if self._hand_back_pending:
-                return  # the scheduled hand-back will take this result too
-            self._hand_back_pending = True
+            if len(self._finished) > 1:
+                return  # the hand-back already scheduled takes this result too
         # The loop is gone when an abandoned call (a timed-out task) finishes after
         # its worker stopped: nobody waits for that result.
         with contextlib.suppress(RuntimeError):
@@ -97,7 +96,6 @@ class ThreadRunner:
     def _hand_back(self) -> None:
         with self._lock:
             finished, self._finished = self._finished, []
-            self._hand_back_pending = False
         for future, ok, value in finished:
             if future.cancelled():  # the task timed out and stopped waiting
                 continue

@@ -34,7 +34,7 @@ from sitq.errors import (
     ValidationError,
     WorkerError,
 )
-from sitq.queue import new_id
+from sitq.queue import PURGE_BATCH, new_id
 from sitq.scheduling import next_interval_run, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer
 from sitq.task_call import TaskCall
@@ -42,10 +42,9 @@ from sitq.thread_runner import ThreadRunner
 
 logger = logging.getLogger("sitq.worker")
 
-#: How often a worker prunes finished jobs older than its ``retention``.
+#: How often a worker prunes finished jobs older than its ``retention``, a batch of
+#: ``PURGE_BATCH`` per idle turn (a full batch prunes again at the next turn).
 PRUNE_EVERY = timedelta(minutes=1)
-#: Jobs pruned per idle turn (one transaction); a full batch prunes again next turn.
-PRUNE_BATCH = 5_000
 
 
 @dataclass(eq=False)
@@ -190,7 +189,8 @@ class Worker:
 
     async def _prepare(self) -> None:
         self._stopping = False
-        self._wake = (await self.backend.watch_work()).subscribe()
+        await self.backend.watch_work()
+        self._wake = self.backend.wakeup.subscribe()
         if self._threads is None:
             self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
 
@@ -302,14 +302,14 @@ class Worker:
             removed = await self.backend.purge(
                 self.clock.now() - self.retention,
                 [status for status in TaskStatus if status in FINISHED_STATUSES],
-                PRUNE_BATCH,
+                PURGE_BATCH,
             )
         except Exception:
             logger.exception("could not prune finished jobs; will try again")
             return
         if removed:
             logger.info("pruned %d finished jobs older than %s", removed, self.retention)
-        if removed >= PRUNE_BATCH:
+        if removed >= PURGE_BATCH:
             # More are due: prune again at the next idle turn, between claims, rather
             # than hold the write lock for the whole backlog at once.
             self._last_prune = moment - PRUNE_EVERY.total_seconds()

@@ -193,21 +193,19 @@ class Backend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The backend may be opened again."""
 
-    async def watch_work(self) -> Wakeup:
-        """Return :attr:`wakeup`, for workers and consumers waiting for work.
-
-        A backend that announces new work across processes starts listening for it
-        here, not in :meth:`open`, so a process that only enqueues is never woken.
-        """
-        return self.wakeup
+    async def watch_work(self) -> None:  # noqa: B027 - optional hook
+        """Make :attr:`wakeup` hear of new work from other processes, where the backend
+        can: called by workers and consumers before they wait on it. A backend starts
+        listening here, not in :meth:`open`, so a process that only enqueues is never
+        woken."""
 
     async def watch_finished(self) -> Wakeup:
         """The wake-up set when jobs finish, for callers waiting on a result.
 
-        By default it is :attr:`wakeup`, which finishes in this process set too.
-        A backend that announces finishes across processes separately from new work
-        may start listening for them here.
+        By default :attr:`wakeup`, which finishes set too (watched as for work). A
+        backend that announces finishes apart from new work returns another one.
         """
+        await self.watch_work()
         return self.wakeup
 
     @abc.abstractmethod

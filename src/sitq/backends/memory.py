@@ -40,9 +40,6 @@ class _Row:
     error: str | None = None
     traceback: str | None = None
     cancel_requested: bool = False
-    # What a requeue may change of the job as enqueued:
-    interval: timedelta | None = None
-    scheduled_at: datetime | None = None
 
     def due_at(self) -> datetime:
         assert self.available_at is not None
@@ -75,7 +72,7 @@ class _Row:
             available_at=self.due_at(),
             started_at=self.started_at,
             finished_at=self.finished_at,
-            interval=self.interval,
+            interval=job.interval,
             series_id=job.series_id,
             error=self.error,
             traceback=self.traceback,
@@ -97,13 +94,7 @@ class MemoryBackend(Backend):
 
     def _insert(self, job: NewJob) -> None:
         self._seq += 1
-        self._rows[job.id] = _Row(
-            job=job,
-            seq=self._seq,
-            available_at=job.available_at,
-            interval=job.interval,
-            scheduled_at=job.available_at,
-        )
+        self._rows[job.id] = _Row(job=job, seq=self._seq, available_at=job.available_at)
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
         with self._lock:
@@ -142,7 +133,7 @@ class MemoryBackend(Backend):
     @staticmethod
     def _reserved(row: _Row) -> ReservedTask:
         job = row.job
-        assert row.lease_expires_at is not None and row.scheduled_at is not None
+        assert row.lease_expires_at is not None
         return ReservedTask(
             id=job.id,
             queue=job.queue,
@@ -154,9 +145,9 @@ class MemoryBackend(Backend):
             available_at=row.due_at(),
             enqueued_at=job.enqueued_at,
             lease_expires_at=row.lease_expires_at,
-            interval=row.interval,
+            interval=job.interval,
             series_id=job.series_id,
-            scheduled_at=row.scheduled_at,
+            scheduled_at=job.available_at,  # a retry moves row.available_at, not the slot
         )
 
     def _held(self, job_id: str, owner: str) -> _Row | None:
@@ -239,15 +230,19 @@ class MemoryBackend(Backend):
             if row is None or row.status not in finished_badly:
                 return False
             series = row.job.series_id
-            if series is not None and any(
+            lives_on = series is not None and any(
                 other is not row
                 and other.job.series_id == series
                 and other.status in (TaskStatus.PENDING, TaskStatus.RUNNING)
                 for other in self._rows.values()
-            ):
-                row.interval = None  # the series lives on: run this slot once more
+            )
+            # Requeued, the job is due (and slotted) now; a run of a series that lives
+            # on is run once more on its own, not as a second series.
+            row.job = replace(
+                row.job, available_at=now, interval=None if lives_on else row.job.interval
+            )
             row.status = TaskStatus.PENDING
-            row.available_at = row.scheduled_at = now
+            row.available_at = now
             row.attempts = 0
             row.finished_at = None
             row.error = row.traceback = None

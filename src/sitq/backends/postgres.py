@@ -84,20 +84,22 @@ _MIGRATION_LOCK_NAMESPACE = "sitq.migrate."
 
 
 @dataclass(eq=False)
+class _Listener:
+    """One LISTEN connection's task, and an event set while it is subscribed."""
+
+    task: asyncio.Task[None]
+    listening: asyncio.Event
+
+
+@dataclass(eq=False)
 class _LoopState:
     """The connections one event loop uses."""
 
     pool: AsyncConnectionPool[Conn]
     #: Closes the pool if the loop ends without ``close()``.
     keeper: asyncio.Task[None] | None = None
-    #: Set while ``listener`` is subscribed.
-    listening: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Started by the first ``watch_work`` on this loop (a worker or a consumer).
-    listener: asyncio.Task[None] | None = None
-    #: Started by the first ``watch_finished`` on this loop (a ``get_result``).
-    finished_listener: asyncio.Task[None] | None = None
-    #: Set while ``finished_listener`` is subscribed.
-    finished_listening: asyncio.Event = field(default_factory=asyncio.Event)
+    #: By channel; each started by the first wait for what its channel announces.
+    listeners: dict[str, _Listener] = field(default_factory=dict)
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
@@ -244,7 +246,7 @@ class PostgresBackend(Backend):
             self._opened = bool(self._loops)
         if state is None:
             return
-        for task in (state.listener, state.finished_listener, state.keeper):
+        for task in [*(listener.task for listener in state.listeners.values()), state.keeper]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -254,45 +256,39 @@ class PostgresBackend(Backend):
     # Listening is lazy: a process that only enqueues (a web app, say) holds no LISTEN
     # connection and is not woken by every other producer's enqueue.
 
-    def _listener(
-        self, channel: str, wakeup: Wakeup, listening: asyncio.Event
-    ) -> asyncio.Task[None]:
-        return asyncio.create_task(
-            listen(self.dsn, channel, wakeup, listening, self.connect_timeout, self._token),
-            name=f"sitq-listen-{channel}",
-        )
+    async def _listen(self, finished: bool) -> _Listener:
+        """This loop's listener for new work (or finished jobs), started if need be.
 
-    async def watch_work(self) -> Wakeup:
-        """Listen for new work on this loop (once), and return its wake-up."""
+        It is not awaited: what is announced before it subscribes goes unheard, and
+        workers and ``get_result`` find it at their next look.
+        """
+        channel, wakeup = (
+            (self.finished_channel, self._finished) if finished else (self.channel, self.wakeup)
+        )
         state = await self._state()
-        if state.listener is None or state.listener.done():
-            state.listener = self._listener(self.channel, self.wakeup, state.listening)
-        return self.wakeup
+        listener = state.listeners.get(channel)
+        if listener is None or listener.task.done():
+            listening = asyncio.Event()
+            task = asyncio.create_task(
+                listen(self.dsn, channel, wakeup, listening, self.connect_timeout, self._token),
+                name=f"sitq-listen-{channel}",
+            )
+            listener = state.listeners[channel] = _Listener(task, listening)
+        return listener
+
+    async def watch_work(self) -> None:
+        await self._listen(finished=False)
 
     async def watch_finished(self) -> Wakeup:
-        """Listen for finished jobs on this loop (once), and return their wake-up.
-
-        The listener is not awaited: a job that finishes before it is subscribed
-        goes unannounced, and ``get_result`` finds it at its next poll.
-        """
-        state = await self._state()
-        if state.finished_listener is None or state.finished_listener.done():
-            state.finished_listener = self._listener(
-                self.finished_channel, self._finished, state.finished_listening
-            )
+        await self._listen(finished=True)
         return self._finished
 
     async def wait_listening(self, timeout: float = 10.0, *, finished: bool = False) -> None:
         """Listen for new work (or, with ``finished``, for finished jobs), and return
         once subscribed (for tests, and callers that must not miss the next one)."""
-        if finished:
-            await self.watch_finished()
-        else:
-            await self.watch_work()
-        state = await self._state()
-        listening = state.finished_listening if finished else state.listening
+        listener = await self._listen(finished)
         try:
-            await asyncio.wait_for(listening.wait(), timeout)
+            await asyncio.wait_for(listener.listening.wait(), timeout)
         except TimeoutError as exc:
             raise BackendError("the LISTEN connection did not come up") from exc
 

@@ -130,22 +130,15 @@ def _maybe_time(value: int | None) -> datetime | None:
     return None if value is None else from_micros(value)
 
 
-def _top_level(conn: sqlite3.Connection, kind: JobKind) -> int | None:
-    """The highest priority among pending jobs of ``kind`` (an index probe)."""
-    (level,) = conn.execute(
-        "SELECT max(priority) FROM sitq_jobs WHERE status = 'pending' AND kind = ?", (kind,)
-    ).fetchone()
+def _next_level(conn: sqlite3.Connection, kind: JobKind, below: int | None = None) -> int | None:
+    """The highest priority among pending jobs of ``kind`` (below ``below``, if given):
+    one probe of sitq_jobs_due."""
+    statement = "SELECT max(priority) FROM sitq_jobs WHERE status = 'pending' AND kind = ?"
+    if below is None:
+        (level,) = conn.execute(statement, (kind,)).fetchone()
+    else:
+        (level,) = conn.execute(statement + " AND priority < ?", (kind, below)).fetchone()
     return cast(int | None, level)
-
-
-def _level_below(conn: sqlite3.Connection, kind: JobKind, level: int) -> int | None:
-    """The next lower priority among pending jobs of ``kind`` (an index probe)."""
-    (below,) = conn.execute(
-        "SELECT max(priority) FROM sitq_jobs WHERE status = 'pending' AND kind = ?"
-        " AND priority < ?",
-        (kind, level),
-    ).fetchone()
-    return cast(int | None, below)
 
 
 class _OpenRaceError(Exception):
@@ -156,8 +149,7 @@ class _OpenRaceError(Exception):
 
 
 def _is_open_race(exc: sqlite3.OperationalError) -> bool:
-    name = getattr(exc, "sqlite_errorname", "")
-    return _is_busy(exc) or name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR"))
+    return _is_busy(exc) or getattr(exc, "sqlite_errorname", "").startswith("SQLITE_IOERR")
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -276,16 +268,9 @@ class SQLiteBackend(Backend):
     async def open(self) -> None:
         await self._retrying(lambda conn: None)
 
-    async def watch_work(self) -> Wakeup:
-        self._watch()
-        return self.wakeup
-
-    async def watch_finished(self) -> Wakeup:
-        self._watch()
-        return self.wakeup
-
-    def _watch(self) -> None:
-        """Start watching for other processes' commits on this thread's loop, once.
+    async def watch_work(self) -> None:
+        """Start watching for other processes' commits on this thread's loop, once
+        (``watch_finished`` does the same: commits are all SQLite can tell apart).
 
         Only where something waits (a worker, a consumer, ``get_result``): a process
         that only enqueues is not woken every few milliseconds for nothing.
@@ -417,7 +402,7 @@ class SQLiteBackend(Backend):
         # count against the limit: the same level is searched again for the slot.
         lease_expires_at = to_micros(request.now + request.lease)
         rows: list[Any] = []
-        level = _top_level(conn, request.kind)
+        level = _next_level(conn, request.kind)
         while level is not None and len(rows) < request.limit:
             found = conn.execute(
                 "UPDATE sitq_jobs SET status = 'running', owner = ?, attempts = attempts + 1,"
@@ -447,7 +432,7 @@ class SQLiteBackend(Backend):
                 )
             rows += [row for row in found if row[0] not in overdelivered]
             if not overdelivered and len(rows) < request.limit:
-                level = _level_below(conn, request.kind, level)
+                level = _next_level(conn, request.kind, level)
         claimed = [self._reserved(row) for row in rows]
         claimed.sort(key=lambda job: (-job.priority, job.available_at))
         return claimed
@@ -683,7 +668,7 @@ class SQLiteBackend(Backend):
             # Level by level, as the claim does: min(available_at) over all priorities
             # cannot use sitq_jobs_due and read every pending job.
             found: int | None = None
-            level = _top_level(conn, kind)
+            level = _next_level(conn, kind)
             while level is not None:
                 (due,) = conn.execute(
                     "SELECT min(available_at) FROM sitq_jobs"
@@ -692,7 +677,7 @@ class SQLiteBackend(Backend):
                 ).fetchone()
                 if due is not None and (found is None or due < found):
                     found = due
-                level = _level_below(conn, kind, level)
+                level = _next_level(conn, kind, level)
             return found
 
         return _maybe_time(await self._read(earliest))
