@@ -353,14 +353,16 @@ async def test_only_processes_that_wait_listen(pg: PostgresBackend) -> None:
 
 
 async def _work_notifications_until_marker(
-    pg: PostgresBackend, write: object
+    pg: PostgresBackend, write: object, channel: str | None = None
 ) -> list[str]:
-    """Run ``write`` (a coroutine) while LISTENing on the work channel; return the
-    payloads heard before a marker sent after it (NOTIFYs arrive in commit order)."""
+    """Run ``write`` (a coroutine) while LISTENing on ``channel`` (the work channel
+    unless given); return the payloads heard before a marker sent after it (NOTIFYs
+    arrive in commit order)."""
+    channel = channel or pg.channel
     async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as conn:
-        await conn.execute(f'LISTEN "{pg.channel}"')
+        await conn.execute(f'LISTEN "{channel}"')
         await write  # type: ignore[misc]
-        await conn.execute("SELECT pg_notify(%s, 'marker')", (pg.channel,))
+        await conn.execute("SELECT pg_notify(%s, 'marker')", (channel,))
         heard: list[str] = []
         async with asyncio.timeout(10):
             async for notification in conn.notifies():
@@ -408,6 +410,24 @@ async def test_a_retry_and_a_series_next_run_are_announced_as_work(
     next_run = job("b2", at=NOW + timedelta(hours=1), interval=timedelta(hours=1))
     finish = pg.finish(Finish("b", "w", TaskStatus.SUCCESS, NOW, next_run=next_run))
     assert len(await _work_notifications_until_marker(pg, finish)) == 1
+
+
+async def test_only_outcomes_that_finish_a_job_are_announced_to_result_waiters(
+    pg: PostgresBackend,
+) -> None:
+    await pg.enqueue([job("lost"), job("cancelled"), job("retried")])
+    await pg.claim(claim("w", limit=3))
+    finished = pg.finished_channel
+    # A finish from a worker that does not hold the lease changes nothing: no news.
+    stale = pg.finish(Finish("lost", "someone-else", TaskStatus.SUCCESS, NOW))
+    assert await _work_notifications_until_marker(pg, stale, finished) == []
+    # A retry of a task whose cancellation was requested cancels it: that is a finish.
+    assert await pg.cancel("cancelled", NOW)
+    cancelled = pg.reschedule(Reschedule("cancelled", "w", NOW))
+    assert len(await _work_notifications_until_marker(pg, cancelled, finished)) == 1
+    # A plain retry is work, not a finish.
+    retried = pg.reschedule(Reschedule("retried", "w", NOW))
+    assert await _work_notifications_until_marker(pg, retried, finished) == []
 
 
 async def test_listener_reconnects_after_its_connection_is_killed(pg: PostgresBackend) -> None:

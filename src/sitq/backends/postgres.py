@@ -450,12 +450,13 @@ class PostgresBackend(Backend):
         return shape, params
 
     async def _insert(self, conn: Conn, jobs: Sequence[NewJob]) -> None:
-        """Insert ``jobs`` (one statement) without announcing them."""
+        """Insert ``jobs`` and announce them as work: one statement (see ``_ANNOUNCE``),
+        so in autocommit one round trip, whatever the number of jobs."""
         shape, params = self._insert_params(jobs)
         statement = {
-            "one": self._sql.insert_one,
-            "uniform": self._sql.insert_uniform,
-            "many": self._sql.insert_many,
+            "one": self._sql.enqueue_one,
+            "uniform": self._sql.enqueue_uniform,
+            "many": self._sql.enqueue_many,
         }[shape]
         await conn.execute(statement, params)
 
@@ -464,20 +465,7 @@ class PostgresBackend(Backend):
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
         if not jobs:
             return
-
-        # One statement in autocommit (insert + NOTIFY, see ``_ANNOUNCE``): one round
-        # trip, no BEGIN/COMMIT, whatever the number of jobs.
-        shape, params = self._insert_params(jobs)
-        statement = {
-            "one": self._sql.enqueue_one,
-            "uniform": self._sql.enqueue_uniform,
-            "many": self._sql.enqueue_many,
-        }[shape]
-
-        async def work(conn: Conn) -> None:
-            await conn.execute(statement, params)
-
-        await self._read(work)
+        await self._read(lambda conn: self._insert(conn, jobs))
         self.wakeup.notify()
 
     async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
@@ -554,6 +542,8 @@ class PostgresBackend(Backend):
                     "traceback": outcome.traceback,
                     "id": outcome.id,
                     "owner": outcome.owner,
+                    "finished_channel": self.finished_channel,
+                    "token": self._token,
                 },
             )
         return await conn.execute(
@@ -565,6 +555,9 @@ class PostgresBackend(Backend):
                 "traceback": outcome.traceback,
                 "id": outcome.id,
                 "owner": outcome.owner,
+                "channel": self.channel,
+                "finished_channel": self.finished_channel,
+                "token": self._token,
             },
         )
 
@@ -579,7 +572,9 @@ class PostgresBackend(Backend):
         # (this settle and the same worker's heartbeat) cannot deadlock.
         order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
         # A retry or a series' next run makes a job due; any outcome may finish one (a
-        # retry of a task whose cancellation was requested cancels it).
+        # retry of a task whose cancellation was requested cancels it). Each statement
+        # announces what it changed (the outcomes by pg_notify in their RETURNING, so
+        # only rows they did change; the next runs' insert as an enqueue does).
         due = any(isinstance(o, Reschedule) or o.next_run is not None for o in outcomes)
 
         async def work(conn: Conn) -> tuple[Settled, int]:
@@ -587,12 +582,10 @@ class PostgresBackend(Backend):
             # is sent before any answer is read, and reading (a flush, not a Sync)
             # leaves the statements in one implicit transaction that the Sync at the
             # end of the pipeline commits (or rolls back, on an error). So the whole
-            # turn (outcomes, NOTIFY, claim) is atomic and costs one round trip, plus
-            # one more when a recurring task's next run must be inserted.
+            # turn (outcomes with their NOTIFYs, claim) is atomic and costs one round
+            # trip, plus one more when a recurring task's next run must be inserted.
             async with conn.pipeline():
                 sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
-                if outcomes:
-                    await self._notify(conn, work=due, finished=True)
                 claim_cursor = None if claim is None else await self._send_claim(conn, claim)
                 accepted = [False] * len(outcomes)
                 next_runs: list[NewJob] = []

@@ -230,11 +230,14 @@ WHERE j.id = held.id
 RETURNING j.id, j.cancel_requested
 """
 
+# Outcomes announce the rows they change (at commit): a finish to result waiters, a
+# retry as work, or as a finish when it cancels. NOTIFYs repeated in one transaction
+# are delivered once.
 _FINISH = """
 UPDATE {schema}.sitq_jobs SET status = %(status)s, owner = NULL, lease_expires_at = NULL,
     finished_at = %(now)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s
 WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'
-RETURNING cancel_requested
+RETURNING cancel_requested, pg_notify(%(finished_channel)s, %(token)s)
 """
 
 _RESCHEDULE = """
@@ -245,7 +248,8 @@ UPDATE {schema}.sitq_jobs SET
     attempts = attempts - %(undo)s, error = coalesce(%(error)s, error),
     traceback = coalesce(%(traceback)s, traceback)
 WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'
-RETURNING id
+RETURNING id, pg_notify(
+    CASE WHEN status = 'cancelled' THEN %(finished_channel)s ELSE %(channel)s END, %(token)s)
 """
 
 _CANCEL = """
@@ -304,9 +308,6 @@ class Statements:
 
     schema: str
     migration_table: str
-    insert_one: str
-    insert_many: str
-    insert_uniform: str
     enqueue_one: str
     enqueue_many: str
     enqueue_uniform: str
@@ -339,11 +340,8 @@ class Statements:
         return cls(
             schema=schema,
             migration_table=fill(MIGRATION_TABLE),
-            insert_one=fill(_INSERT_ONE),
-            insert_many=fill(_INSERT_MANY),
             enqueue_one=fill(_ANNOUNCE.replace("{insert}", _INSERT_ONE)),
             enqueue_many=fill(_ANNOUNCE.replace("{insert}", _INSERT_MANY)),
-            insert_uniform=fill(_INSERT_UNIFORM),
             enqueue_uniform=fill(_ANNOUNCE.replace("{insert}", _INSERT_UNIFORM)),
             claim_all=fill(_CLAIM, queue_filter="", reserved=RESERVED_COLUMNS),
             claim_queues=fill(_CLAIM, queue_filter=queue_filter, reserved=RESERVED_COLUMNS),
