@@ -26,11 +26,21 @@ class Serializer(Protocol):
 
 
 class CloudpickleSerializer:
-    """Pickles with cloudpickle: any function, any picklable argument."""
+    """Pickles with cloudpickle: any function, any picklable argument.
+
+    Most task calls and results need none of cloudpickle's powers: a function
+    importable by name, ids and strings as arguments. Those go through the standard
+    library's C pickler, which cloudpickle itself falls back on for everything it
+    pickles by reference (so the payload means the same), several times faster:
+    2.4 us instead of 8 us for a task call here, and 1 us instead of 4 us for a
+    ``None`` result.
+    """
 
     def dumps(self, obj: Any) -> bytes:
         try:
-            data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            data = _by_reference_only(obj)
+            if data is None:
+                data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
             return data
         except Exception as exc:
             raise SerializationError(f"cannot pickle {_describe(obj)}: {exc}") from exc
@@ -56,6 +66,28 @@ class JsonSerializer:
             return json.loads(data)
         except ValueError as exc:
             raise SerializationError(f"stored data is not valid JSON: {exc}") from exc
+
+
+def _by_reference_only(obj: Any) -> bytes | None:
+    """``obj`` pickled by the standard pickler, or None where cloudpickle must do it.
+
+    The standard pickler refuses what only cloudpickle can pickle (lambdas, local
+    functions and classes) and pickles every function and class it accepts by
+    reference: module and name. cloudpickle does the same, except for two kinds of
+    module whose functions and classes it pickles by value: ``__main__``, which a
+    worker in another process does not share, and modules registered with
+    ``cloudpickle.register_pickle_by_value``. A pickle naming either is discarded
+    (a chance match in an argument's text only costs the fast path).
+    """
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return None
+    if b"__main__" in data:
+        return None
+    if any(name.encode() in data for name in cloudpickle.list_registry_pickle_by_value()):
+        return None
+    return data
 
 
 def _describe(obj: Any) -> str:
