@@ -132,3 +132,42 @@ async def test_shutdown_lets_running_calls_finish_and_ends_the_threads() -> None
     for thread in threads:
         thread.join(DEADLINE)
         assert not thread.is_alive()
+
+
+async def test_a_call_that_blocks_holds_up_no_other() -> None:
+    """Queued calls wake threads only as needed; one thread must never be left
+    holding calls queued behind a call that blocks."""
+    runner = ThreadRunner(3, asyncio.get_running_loop())
+    release = threading.Event()
+    try:
+        assert await runner.submit(lambda: "a thread exists, idle") is not None
+        # All queued before the one thread awake (the idle one, woken by the first
+        # submit) takes the first call: only it can send another for the rest.
+        blocked = runner.submit(lambda: release.wait(DEADLINE))
+        quick = [runner.submit(lambda n=n: n) for n in range(5)]
+        assert await asyncio.wait_for(asyncio.gather(*quick), DEADLINE) == [0, 1, 2, 3, 4]
+        assert not blocked.done()
+        release.set()
+        assert await asyncio.wait_for(blocked, DEADLINE) is True
+    finally:
+        runner.shutdown()
+
+
+async def test_every_call_runs_whatever_the_timing_of_submits_and_finishes() -> None:
+    """Bursts and lulls, short calls and calls that yield: each call finishes, so no
+    wake-up is ever lost between a submit and a thread going to sleep."""
+    runner = ThreadRunner(3, asyncio.get_running_loop())
+    pause = threading.Event()  # never set: wait(0.0001) only gives the GIL up briefly
+    try:
+        for burst in range(300):
+            calls = [
+                runner.submit(lambda n=n: pause.wait(0.0001 * (n % 2)) or n)
+                for n in range(burst % 7)
+            ]
+            assert await asyncio.wait_for(asyncio.gather(*calls), DEADLINE) == list(
+                range(burst % 7)
+            )
+            if burst % 5 == 0:
+                await asyncio.sleep(0)  # a lull: let threads go to sleep between bursts
+    finally:
+        runner.shutdown()

@@ -6,15 +6,16 @@ the loop's self-pipe, a loop iteration, a ``concurrent.futures`` to asyncio futu
 bridge). With many short sync tasks those wake-ups are most of a worker's time. Here a
 thread that finishes a call while an earlier hand-back is still on its way to the loop
 only adds its result to that hand-back, so a busy worker receives many results per
-wake-up, and records their outcomes in one backend round trip.
+wake-up, and records their outcomes in one backend round trip. The other way, calls
+wake threads only as needed (see ``ThreadRunner``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,20 +28,31 @@ _Done = tuple["asyncio.Future[Any]", bool, Any]
 class ThreadRunner:
     """Runs zero-argument callables on up to ``size`` threads of its own.
 
-    Threads start when a call finds none idle, up to ``size``. :meth:`shutdown`
-    lets running calls finish on their own; their results are still handed back
-    if the loop is alive, and the threads exit after that.
+    Threads are woken only as calls need them: a queued call always has a thread on
+    its way to take it (one woken, or started while fewer than ``size`` exist), or
+    every thread is busy and the first to finish takes it. A thread taking a call
+    that leaves more queued sends the next thread on its way first, so a call that
+    blocks holds up no other. A burst of short calls is thus run by the threads
+    already awake, not by one woken thread each: a wake-up per call is a context
+    switch and a contest for the GIL with the event loop.
+
+    :meth:`shutdown` lets queued and running calls finish on their own; their
+    results are still handed back if the loop is alive, and the threads exit after
+    that.
     """
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop, name: str = "sitq-task") -> None:
         self._size = size
         self._loop = loop
         self._name = name
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        # One token per idle thread: a call that takes one needs no new thread.
-        self._idle = threading.Semaphore(0)
-        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._woken = threading.Condition(self._lock)
+        # All below are guarded by _lock.
+        self._calls: deque[_Call] = deque()
+        self._threads: list[threading.Thread] = []
+        self._ready = 0  # threads awake and about to take a call
+        self._asleep = 0  # threads waiting to be woken
+        self._wakes = 0  # wake-ups sent and not yet taken (each already counted ready)
         # Results on their way to the loop: non-empty exactly while a hand-back is due.
         self._finished: list[_Done] = []
         self._shut_down = False
@@ -48,30 +60,59 @@ class ThreadRunner:
     def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``call`` on a thread; the returned future (of the runner's loop) gets
         its result or exception. Cancelling the future does not stop the call."""
-        if self._shut_down:
-            raise RuntimeError("the thread runner is shut down")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._calls.put((call, future))
-        if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("the thread runner is shut down")
+            self._calls.append((call, future))
+            self._send_a_thread()
+        return future
+
+    def shutdown(self) -> None:
+        """Take no more calls; each thread exits once no queued call is left for it."""
+        with self._lock:
+            self._shut_down = True
+            self._woken.notify_all()
+
+    def _send_a_thread(self) -> None:
+        """With the lock held: make sure a thread is on its way to the queued calls."""
+        if self._ready or not self._calls:
+            return
+        if self._asleep > self._wakes:
+            self._wakes += 1
+            self._ready += 1
+            self._woken.notify()
+        elif len(self._threads) < self._size:
+            self._ready += 1
             thread = threading.Thread(
                 target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
             )
             self._threads.append(thread)
             thread.start()
-        return future
+        # Otherwise every thread is running a call: the first to finish takes the next.
 
-    def shutdown(self) -> None:
-        """Take no more calls; each thread exits once it has finished its current one."""
-        self._shut_down = True
-        for _ in self._threads:
-            self._calls.put(None)
+    def _next_call(self) -> _Call | None:
+        """The next queued call for this (ready) thread, after sleeping while there
+        is none; None once the runner is shut down and nothing is left."""
+        with self._lock:
+            while not self._calls:
+                self._ready -= 1
+                if self._shut_down:
+                    return None
+                self._asleep += 1
+                while not self._wakes and not self._shut_down:
+                    self._woken.wait()
+                self._asleep -= 1
+                if not self._wakes:
+                    return None  # shut down while asleep
+                self._wakes -= 1  # whoever woke this thread counted it ready
+            item = self._calls.popleft()
+            self._ready -= 1
+            self._send_a_thread()
+            return item
 
     def _work(self) -> None:
-        calls = self._calls
-        while True:
-            item = calls.get()
-            if item is None:
-                return
+        while (item := self._next_call()) is not None:
             call, future = item
             try:
                 done: _Done = (future, True, call())
@@ -81,11 +122,11 @@ class ThreadRunner:
                 done = (future, False, exc)
             del item, call  # hold nothing of this call while waiting for the next
             self._finish(done)
-            self._idle.release()
 
     def _finish(self, done: _Done) -> None:
         with self._lock:
             self._finished.append(done)
+            self._ready += 1  # this thread goes on to the next call
             if len(self._finished) > 1:
                 return  # the hand-back already scheduled takes this result too
         # The loop is gone when an abandoned call (a timed-out task) finishes after
