@@ -49,9 +49,9 @@ async def postgres_single_inserts(dsn: str, count: int) -> float:
             await conn.execute("DROP TABLE floor_inserts")
 
 
-def floor_table(rows: list[tuple[str, float, str, float | None]]) -> str:
-    """Rows of (floor, rate, compared with, that row's rate) as a markdown table."""
-    lines = ["| floor | rate | compared with | ratio |", "|---|---|---|---|"]
+def floor_table(rows: list[tuple[str, float, str, float | None]], kind: str = "floor") -> str:
+    """Rows of (``kind``, rate, compared with, that row's rate) as a markdown table."""
+    lines = [f"| {kind} | rate | compared with | ratio |", "|---|---|---|---|"]
     for label, rate, other, other_rate in rows:
         ratio = "n/a" if not other_rate else f"{rate / other_rate:.2f}x"
         lines.append(f"| {label} | {rate:,.0f}/s | {other} | {ratio} |")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import scenarios
 from common import WorkerProcess, anoop, astamp
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from scenarios import System
@@ -61,7 +63,8 @@ class SchemaPerRun(System):
         self.schema = ""
 
     def next_schema(self) -> str:
-        self.schema = f"{self.name.replace(' ', '_')}_{next(_schemas)}"
+        stem = re.sub(r"\W", "_", self.name)  # a plain identifier
+        self.schema = f"{stem}_{next(_schemas)}"
         return self.schema
 
     async def drop_schema(self) -> None:
@@ -86,6 +89,23 @@ class SitqPostgres(SitqSystem, SchemaPerRun):
     async def cleanup(self) -> None:
         await SitqSystem.cleanup(self)
         await self.drop_schema()
+
+
+class SitqPostgresAsyncCommit(SitqPostgres):
+    """sitq with ``synchronous_commit=off`` set in its DSN, a choice left to users
+    (docs/postgres.md): commits are acknowledged before their WAL reaches the disk."""
+
+    name = "sitq synchronous_commit=off"
+
+    def __init__(self, scratch: Path, dsn: str) -> None:
+        super().__init__(scratch, make_conninfo(dsn, options="-c synchronous_commit=off"))
+
+
+async def async_commit_enqueue_rate(scratch: Path, dsn: str, count: int) -> float:
+    """Single enqueues/s of :class:`SitqPostgresAsyncCommit` (the median of 3)."""
+    system = SitqPostgresAsyncCommit(scratch, dsn)
+    runs = [await scenarios.enqueue_rate(system, count) for _ in range(3)]
+    return sorted(runs)[1]
 
 
 class ProcrastinateSystem(SchemaPerRun):

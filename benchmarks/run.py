@@ -211,6 +211,9 @@ async def main() -> int:
                 systems = pg_bench.systems(scratch, dsn)
                 results = await measure(systems, settings, postgres_targets())
                 inserts = await floors.postgres_single_inserts(dsn, settings.enqueue_count)
+                relaxed = await pg_bench.async_commit_enqueue_rate(
+                    scratch, dsn, settings.enqueue_count
+                )
             pgqrs_enqueue = results.values.get("enqueue", {}).get("pgqrs")
             print("\n## PostgreSQL: sitq (PostgresBackend) vs procrastinate vs pgqrs\n")
             print(describe(settings, "PostgreSQL"))
@@ -227,6 +230,20 @@ async def main() -> int:
                             pgqrs_enqueue,
                         )
                     ]
+                )
+            )
+            print()
+            print(
+                floors.floor_table(
+                    [
+                        (
+                            "sitq enqueue one at a time, `synchronous_commit=off` in the DSN",
+                            relaxed,
+                            "pgqrs, enqueue one at a time",
+                            pgqrs_enqueue,
+                        )
+                    ],
+                    kind="setting (not sitq's default)",
                 )
             )
             print(flush=True)
