@@ -221,12 +221,11 @@ class TaskQueue:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         options: _Options,
-        job_id: str | None = None,
     ) -> NewJob:
         if not callable(func):
             raise ValidationError(f"a task must be callable, got {type(func).__name__}")
         call = TaskCall(func, tuple(args), dict(kwargs), options.timeout, options.retry)
-        job_id = job_id or new_id()
+        job_id = new_id()
         return NewJob(
             id=job_id,
             queue=options.queue,
