@@ -171,3 +171,23 @@ async def test_every_call_runs_whatever_the_timing_of_submits_and_finishes() -> 
                 await asyncio.sleep(0)  # a lull: let threads go to sleep between bursts
     finally:
         runner.shutdown()
+
+
+async def test_a_thread_that_cannot_start_fails_its_call_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = ThreadRunner(2, asyncio.get_running_loop())
+    ran: list[str] = []
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="can't start"):
+                runner.submit(lambda: ran.append("refused"))
+        assert await asyncio.wait_for(runner.submit(lambda: ran.append("next")), DEADLINE) is None
+        assert ran == ["next"]  # the refused call was withdrawn, not run later
+    finally:
+        runner.shutdown()

@@ -65,7 +65,11 @@ class ThreadRunner:
             if self._shut_down:
                 raise RuntimeError("the thread runner is shut down")
             self._calls.append((call, future))
-            self._send_a_thread()
+            try:
+                self._send_a_thread()
+            except RuntimeError:  # no thread could be started: the call never runs
+                self._calls.pop()
+                raise
         return future
 
     def shutdown(self) -> None:
@@ -83,12 +87,12 @@ class ThreadRunner:
             self._ready += 1
             self._woken.notify()
         elif len(self._threads) < self._size:
-            self._ready += 1
             thread = threading.Thread(
                 target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
             )
+            thread.start()  # it waits for the lock we hold before it looks for calls
             self._threads.append(thread)
-            thread.start()
+            self._ready += 1
         # Otherwise every thread is running a call: the first to finish takes the next.
 
     def _next_call(self) -> _Call | None:
@@ -108,7 +112,9 @@ class ThreadRunner:
                 self._wakes -= 1  # whoever woke this thread counted it ready
             item = self._calls.popleft()
             self._ready -= 1
-            self._send_a_thread()
+            # Should no thread start, this one takes the rest after this call.
+            with contextlib.suppress(RuntimeError):
+                self._send_a_thread()
             return item
 
     def _work(self) -> None:
