@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import floors
 import scenarios
@@ -22,8 +25,9 @@ from common import Drain, percentile
 from report import Metric, Results, Target, at_least, below, ratio_to, table
 from scenarios import Settings, System
 
+T = TypeVar("T")
 HUEYS = ("huey",)
-#: A drain is repeated (for the median) only while its runs took less than this.
+#: A scenario is repeated (for the median) only while its runs took less than this.
 REPEAT_BUDGET_SECONDS = 8.0
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -65,41 +69,57 @@ async def measure(systems: list[System], settings: Settings, targets: dict[str, 
     for key in ["backlog", "backlog_pct", "start_p50", "start_p99", "eta_p50", "eta_p99"]:
         register(key)
 
-    for system in systems:
-        print(f"== {system.name}", file=sys.stderr, flush=True)
-        runs = [
-            await scenarios.enqueue_rate(system, settings.enqueue_count)
-            for _ in range(settings.repeats)
-        ]
-        results.put(system.name, metric["enqueue"], percentile(runs, 50))
-        batches = [
-            await scenarios.batch_rate(system, settings.batch_count, settings.batch_size)
-            for _ in range(settings.repeats)
-        ]
-        batch = None if batches[0] is None else percentile([b or 0.0 for b in batches], 50)
-        results.put(system.name, metric["batch"], batch, "" if batch else "no batch API")
+    def put_median_drains(key: str, drains: dict[str, list[Drain]], note_done: str) -> None:
+        for name, runs in drains.items():
+            drained = median_of(runs)
+            note = f"{drained.completed:,} {note_done}" if drained.partial else ""
+            results.put(name, metric[key], drained.rate, note)
 
-        plain: dict[int, float] = {}
-        for concurrency in settings.concurrencies:
-            drained = await median_drain(system, settings, concurrency)
-            plain[concurrency] = drained.rate
-            note = f"{drained.completed:,} done in time limit" if drained.partial else ""
-            results.put(system.name, metric[f"drain_{concurrency}"], drained.rate, note)
+    progress("enqueue, one at a time")
+    count = settings.enqueue_count
+    for name, rates in (
+        await in_turns(systems, settings.repeats, lambda s: scenarios.enqueue_rate(s, count))
+    ).items():
+        results.put(name, metric["enqueue"], percentile(rates, 50))
 
-        c = settings.backlog_concurrency
-        if c not in plain:
-            plain[c] = (await median_drain(system, settings, c)).rate
-        drained = await median_drain(system, settings, c, backlog=settings.backlog_count)
-        note = (
-            f"{drained.completed:,} done in {settings.drain_timeout:.0f}s"
-            if drained.partial
-            else ""
+    progress("enqueue in batches")
+    for name, batches in (
+        await in_turns(
+            systems,
+            settings.repeats,
+            lambda s: scenarios.batch_rate(s, settings.batch_count, settings.batch_size),
         )
-        results.put(system.name, metric["backlog"], drained.rate, note)
-        results.put(system.name, metric["backlog_pct"], 100 * drained.rate / plain[c])
+    ).items():
+        batch = None if batches[0] is None else percentile([b or 0.0 for b in batches], 50)
+        results.put(name, metric["batch"], batch, "" if batch else "no batch API")
 
+    plain: dict[int, dict[str, list[Drain]]] = {}
+    at = settings.backlog_concurrency
+    for concurrency in sorted({*settings.concurrencies, at}):
+        progress(f"drain, concurrency {concurrency}")
+        plain[concurrency] = await in_turns(
+            systems,
+            settings.repeats,
+            functools.partial(drain, settings=settings, concurrency=concurrency),
+        )
+        if concurrency in settings.concurrencies:
+            put_median_drains(f"drain_{concurrency}", plain[concurrency], "done in time limit")
+
+    progress(f"drain with {settings.backlog_count:,} far-future tasks")
+    backlog = await in_turns(
+        systems,
+        settings.repeats,
+        functools.partial(drain, settings=settings, concurrency=at, backlog=settings.backlog_count),
+    )
+    put_median_drains("backlog", backlog, f"done in {settings.drain_timeout:.0f}s")
+    for name, runs in backlog.items():
+        pct = 100 * median_of(runs).rate / median_of(plain[at][name]).rate
+        results.put(name, metric["backlog_pct"], pct)
+
+    for system in systems:
         if not system.latency_scenarios:
             continue
+        progress(f"latencies of {system.name}")
         started = await scenarios.start_latency(system, settings.latency_samples)
         missing = f"{started.missing} never started" if started.missing else ""
         results.put(system.name, metric["start_p50"], 1000 * started.p(50), missing)
@@ -112,21 +132,38 @@ async def measure(systems: list[System], settings: Settings, targets: dict[str, 
     return results
 
 
-async def median_drain(
-    system: System, settings: Settings, concurrency: int, backlog: int = 0
-) -> Drain:
-    """The median of up to ``settings.repeats`` drains (with their set-up). Fast runs
-    only are repeated: a slow system's one run is already long and steady."""
-    drains: list[Drain] = []
-    started = time.monotonic()
-    while len(drains) < settings.repeats and (
-        not drains or time.monotonic() - started < REPEAT_BUDGET_SECONDS
-    ):
-        drains.append(
-            await scenarios.drain(
-                system, settings.drain_count, concurrency, settings.drain_timeout, backlog
-            )
-        )
+def progress(scenario: str) -> None:
+    print(f"== {scenario}", file=sys.stderr, flush=True)
+
+
+async def in_turns(
+    systems: list[System], repeats: int, run: Callable[[System], Awaitable[T]]
+) -> dict[str, list[T]]:
+    """Up to ``repeats`` runs of one scenario for each system, the systems taking
+    turns (sitq, huey, sitq, huey, ...): a shared machine's speed drifts over minutes,
+    so each ratio compares runs made close together, never one system's runs with
+    another's made a whole part later. A system runs again only while its runs so far
+    took less than ``REPEAT_BUDGET_SECONDS``: a slow system's one run is long and
+    steady."""
+    runs: dict[str, list[T]] = {system.name: [] for system in systems}
+    spent = dict.fromkeys(runs, 0.0)
+    for turn in range(repeats):
+        for system in systems:
+            if turn and spent[system.name] >= REPEAT_BUDGET_SECONDS:
+                continue
+            started = time.monotonic()
+            runs[system.name].append(await run(system))
+            spent[system.name] += time.monotonic() - started
+    return runs
+
+
+async def drain(system: System, settings: Settings, concurrency: int, backlog: int = 0) -> Drain:
+    return await scenarios.drain(
+        system, settings.drain_count, concurrency, settings.drain_timeout, backlog
+    )
+
+
+def median_of(drains: list[Drain]) -> Drain:
     return sorted(drains, key=lambda run: run.rate)[len(drains) // 2]
 
 
