@@ -31,8 +31,8 @@ class CloudpickleSerializer:
     Most task calls and results need none of cloudpickle's powers: a function
     importable by name, ids and strings as arguments. Those go through the standard
     library's C pickler, which cloudpickle itself falls back on for everything it
-    pickles by reference (so the payload means the same), several times faster:
-    2.4 us instead of 8 us for a task call here, and 1 us instead of 4 us for a
+    pickles by reference (so the payload means the same), faster: measured here,
+    5 us instead of 9 us to serialize a task call, 2.3 us instead of 4.3 us for a
     ``None`` result.
     """
 
