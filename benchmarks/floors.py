@@ -49,7 +49,7 @@ async def postgres_single_inserts(dsn: str, count: int) -> float:
             await conn.execute("DROP TABLE floor_inserts")
 
 
-def floor_table(rows: list[tuple[str, float, str, float | None]], kind: str = "floor") -> str:
+def rate_table(rows: list[tuple[str, float, str, float | None]], kind: str = "floor") -> str:
     """Rows of (``kind``, rate, compared with, that row's rate) as a markdown table."""
     lines = [f"| {kind} | rate | compared with | ratio |", "|---|---|---|---|"]
     for label, rate, other, other_rate in rows:

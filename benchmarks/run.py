@@ -229,7 +229,7 @@ async def main() -> int:
             print(table(results))
             print()
             print(
-                floors.floor_table(
+                floors.rate_table(
                     [
                         (
                             "a sync no-op run in a thread from the event loop, one at a time",
@@ -258,7 +258,7 @@ async def main() -> int:
             print(table(results))
             print()
             print(
-                floors.floor_table(
+                floors.rate_table(
                     [
                         (
                             "one-row INSERT per autocommit statement, asyncio psycopg",
@@ -271,7 +271,7 @@ async def main() -> int:
             )
             print()
             print(
-                floors.floor_table(
+                floors.rate_table(
                     [
                         (
                             "sitq enqueue one at a time, `synchronous_commit=off` in the DSN",
