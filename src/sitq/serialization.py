@@ -85,7 +85,8 @@ def _by_reference_only(obj: Any) -> bytes | None:
         return None
     if b"__main__" in data:
         return None
-    if any(name.encode() in data for name in cloudpickle.list_registry_pickle_by_value()):
+    by_value = cloudpickle.list_registry_pickle_by_value()  # usually empty
+    if by_value and any(name.encode() in data for name in by_value):
         return None
     return data
 
