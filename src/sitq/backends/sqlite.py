@@ -141,6 +141,29 @@ def _next_level(conn: sqlite3.Connection, kind: JobKind, below: int | None = Non
     return cast(int | None, level)
 
 
+_INSERT = (
+    "INSERT INTO sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
+    " available_at, max_attempts, max_deliveries, interval_us, series_id,"
+    " scheduled_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?7)"
+)
+
+
+def _row(job: NewJob) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.queue,
+        job.kind,
+        job.priority,
+        job.payload,
+        to_micros(job.enqueued_at),
+        to_micros(job.available_at),
+        job.max_attempts,
+        job.max_deliveries,
+        None if job.interval is None else job.interval // timedelta(microseconds=1),
+        job.series_id,
+    )
+
+
 class _OpenRaceError(Exception):
     """Opening met another connection opening the same file: switching a new file to
     WAL and creating the schema take locks that SQLite reports as busy at once (its
@@ -347,32 +370,17 @@ class SQLiteBackend(Backend):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
-        conn.executemany(
-            "INSERT INTO sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
-            " available_at, max_attempts, max_deliveries, interval_us, series_id,"
-            " scheduled_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?7)",
-            [
-                (
-                    job.id,
-                    job.queue,
-                    job.kind,
-                    job.priority,
-                    job.payload,
-                    to_micros(job.enqueued_at),
-                    to_micros(job.available_at),
-                    job.max_attempts,
-                    job.max_deliveries,
-                    None if job.interval is None else job.interval // timedelta(microseconds=1),
-                    job.series_id,
-                )
-                for job in jobs
-            ],
-        )
+        conn.executemany(_INSERT, [_row(job) for job in jobs])
 
     # -- the contract ------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
-        await self._write(lambda conn: self._insert(conn, jobs))
+        if len(jobs) == 1:
+            # One statement is its own transaction: no BEGIN/COMMIT round of calls.
+            row = _row(jobs[0])
+            await self._retrying(lambda conn: conn.execute(_INSERT, row))
+        else:
+            await self._write(lambda conn: self._insert(conn, jobs))
         self.wakeup.notify()
 
     def _claim(self, conn: sqlite3.Connection, request: ClaimRequest) -> list[ReservedTask]:
