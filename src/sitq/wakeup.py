@@ -31,6 +31,11 @@ class Wakeup:
             self._waiters.pop(event, None)
 
     def notify(self) -> None:
+        if not self._waiters:
+            # Nobody waits (a process that only enqueues): nothing to do. Racing a
+            # subscribe is no worse than with the lock: either way that waiter misses
+            # this notify only if it subscribed after it.
+            return
         with self._lock:
             waiters = list(self._waiters.items())
         try:
