@@ -58,6 +58,7 @@ WATCH_EVERY_SECONDS = 0.005
 RESCUE_EVERY_MICROS = 500_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)  # made once: building it costs more than the division
 
 # Each entry is one schema version; PRAGMA user_version records how many have run.
 MIGRATIONS: tuple[str, ...] = (
@@ -119,7 +120,7 @@ def _wakeup_for(path: str) -> Wakeup:
 
 
 def to_micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def from_micros(value: int) -> datetime:
@@ -159,7 +160,7 @@ def _row(job: NewJob) -> tuple[Any, ...]:
         to_micros(job.available_at),
         job.max_attempts,
         job.max_deliveries,
-        None if job.interval is None else job.interval // timedelta(microseconds=1),
+        None if job.interval is None else job.interval // _MICROSECOND,
         job.series_id,
     )
 
