@@ -26,7 +26,6 @@ class System(ABC):
     """One queue system under test. Every scenario starts from :meth:`fresh` storage."""
 
     name: str
-    #: How the system's worker runs its tasks at ``concurrency`` (shown in the table).
     #: False skips the enqueue-to-start and eta scenarios (for variants of a system).
     latency_scenarios = True
 
