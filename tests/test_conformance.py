@@ -439,6 +439,44 @@ async def test_settle_records_outcomes_then_claims(backend: Backend) -> None:
     assert (await get(backend, "a")).status is TaskStatus.SUCCESS
 
 
+async def test_settle_of_one_finish_records_it_then_claims(backend: Backend) -> None:
+    # One finish and a claim: a worker's every settle at concurrency 1 (PostgreSQL
+    # sends it as one statement).
+    await backend.enqueue([job("a"), job("b", queue="mail"), job("c")])
+    await backend.claim(claim_req("w1", now=0, limit=1))
+    settled = await backend.settle(
+        [Finish("a", "w1", TaskStatus.SUCCESS, at(1), result=b"done")],
+        claim_req("w1", now=1, limit=1, queues=("mail",)),
+    )
+    assert settled.accepted == [True]
+    assert [r.id for r in settled.claimed] == ["b"]
+    task = await get(backend, "a")
+    assert (task.status, task.result) == (TaskStatus.SUCCESS, b"done")
+
+    ghost = await backend.settle(
+        [Finish("ghost", "w1", TaskStatus.SUCCESS, at(2))], claim_req("w1", now=2)
+    )
+    assert ghost.accepted == [False]
+    assert [r.id for r in ghost.claimed] == ["c"]
+    stale = await backend.settle(
+        [Finish("b", "other", TaskStatus.SUCCESS, at(3))], claim_req("w1", now=3)
+    )
+    assert stale.accepted == [False]
+
+
+async def test_settle_finishing_a_job_whose_lease_ran_out_does_not_claim_it(
+    backend: Backend,
+) -> None:
+    await backend.enqueue([job("a")])
+    await backend.claim(claim_req("w1", now=0, limit=1))
+    late = LEASE.total_seconds() + 1
+    settled = await backend.settle(
+        [Finish("a", "w1", TaskStatus.SUCCESS, at(late))], claim_req("w1", now=late)
+    )
+    assert (settled.accepted, settled.claimed) == ([True], [])
+    assert (await get(backend, "a")).status is TaskStatus.SUCCESS
+
+
 # -- cancel, requeue, delete -----------------------------------------------------------
 
 

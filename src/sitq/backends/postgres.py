@@ -468,9 +468,8 @@ class PostgresBackend(Backend):
         await self._read(lambda conn: self._insert(conn, jobs))
         self.wakeup.notify()
 
-    async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
-        if request.limit <= 0:
-            return None
+    @staticmethod
+    def _claim_params(request: ClaimRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
             "kind": request.kind,
             "now": request.now,
@@ -478,22 +477,28 @@ class PostgresBackend(Backend):
             "owner": request.owner,
             "lease_expires_at": request.now + request.lease,
         }
-        if request.queues is None:
-            statement = self._sql.claim_all
-        else:
-            statement = self._sql.claim_queues
+        if request.queues is not None:
             params["queues"] = list(request.queues)
-        return await conn.execute(statement, params)
+        return params
 
-    async def _claimed(self, cursor: Cursor | None) -> tuple[list[ReservedTask], int]:
+    async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
+        if request.limit <= 0:
+            return None
+        statement = self._sql.claim_all if request.queues is None else self._sql.claim_queues
+        return await conn.execute(statement, self._claim_params(request))
+
+    @staticmethod
+    def _leased(rows: Sequence[Sequence[Any]]) -> tuple[list[ReservedTask], int]:
         """The jobs a claim leased, and how many of the slots went to jobs that turned
         'dead' instead (read too many times: they come back too, marked so)."""
-        if cursor is None:
-            return [], 0
-        rows = await cursor.fetchall()
         live = [row for row in rows if row[12] == "running"]
         reserved = [reserved_from_row(row) for row in sorted(live, key=claim_order)]
         return reserved, len(rows) - len(live)
+
+    async def _claimed(self, cursor: Cursor | None) -> tuple[list[ReservedTask], int]:
+        if cursor is None:
+            return [], 0
+        return self._leased(await cursor.fetchall())
 
     async def claim(self, request: ClaimRequest) -> list[ReservedTask]:
         async def work(conn: Conn) -> tuple[list[ReservedTask], int]:
@@ -530,22 +535,22 @@ class PostgresBackend(Backend):
             cancel_requested=frozenset(row[0] for row in rows if row[1]),
         )
 
+    def _finish_params(self, finish: Finish) -> dict[str, Any]:
+        return {
+            "status": finish.status.value,
+            "finished_at": finish.now,
+            "result": finish.result,
+            "error": finish.error,
+            "traceback": finish.traceback,
+            "finished_id": finish.id,
+            "finished_by": finish.owner,
+            "finished_channel": self.finished_channel,
+            "token": self._token,
+        }
+
     async def _send_outcome(self, conn: Conn, outcome: Outcome) -> Cursor:
         if isinstance(outcome, Finish):
-            return await conn.execute(
-                self._sql.finish,
-                {
-                    "status": outcome.status.value,
-                    "now": outcome.now,
-                    "result": outcome.result,
-                    "error": outcome.error,
-                    "traceback": outcome.traceback,
-                    "id": outcome.id,
-                    "owner": outcome.owner,
-                    "finished_channel": self.finished_channel,
-                    "token": self._token,
-                },
-            )
+            return await conn.execute(self._sql.finish, self._finish_params(outcome))
         return await conn.execute(
             self._sql.reschedule,
             {
@@ -568,6 +573,10 @@ class PostgresBackend(Backend):
         return (await self.settle([reschedule], None)).accepted[0]
 
     async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        lone = outcomes[0] if len(outcomes) == 1 else None
+        if isinstance(lone, Finish) and lone.next_run is None and claim is not None:
+            # A worker's usual settle at concurrency 1: one statement, one round trip.
+            return await self._finish_and_claim(lone, claim)
         # Rows are updated in id order so two transactions touching the same jobs
         # (this settle and the same worker's heartbeat) cannot deadlock.
         order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
@@ -609,6 +618,25 @@ class PostgresBackend(Backend):
             more = await self._refill(claim, len(settled.claimed), died)
             settled = Settled(settled.accepted, settled.claimed + more)
         return settled
+
+    async def _finish_and_claim(self, finish: Finish, claim: ClaimRequest) -> Settled:
+        """settle() of one finish with no next run and a claim: one statement."""
+        if claim.queues is None:
+            statement = self._sql.finish_and_claim_all
+        else:
+            statement = self._sql.finish_and_claim_queues
+        params = self._claim_params(claim) | self._finish_params(finish)
+
+        async def work(conn: Conn) -> list[Any]:
+            cursor = await conn.execute(statement, params)
+            return await cursor.fetchall()
+
+        rows = await self._read(work)  # one statement: atomic in autocommit
+        recorded = rows[0][0] is not None
+        claimed, died = self._leased([row[1:] for row in rows if row[1] is not None])
+        if recorded:
+            self._wake(work=False, finished=True)
+        return Settled([recorded], claimed + await self._refill(claim, len(claimed), died))
 
     async def _update_one(
         self, statement: str, params: dict[str, Any], *, work: bool, finished: bool
