@@ -591,8 +591,9 @@ class PostgresBackend(Backend):
             # is sent before any answer is read, and reading (a flush, not a Sync)
             # leaves the statements in one implicit transaction that the Sync at the
             # end of the pipeline commits (or rolls back, on an error). So the whole
-            # turn (outcomes with their NOTIFYs, claim) is atomic and costs one round
-            # trip, plus one more when a recurring task's next run must be inserted.
+            # turn (outcomes with their NOTIFYs, claim) is atomic. It costs two round
+            # trips (the answers, then the Sync's commit), plus one more when a
+            # recurring task's next run must be inserted.
             async with conn.pipeline():
                 sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
                 claim_cursor = None if claim is None else await self._send_claim(conn, claim)
