@@ -253,6 +253,41 @@ async def test_archive_keeps_the_message_as_success(backend: Backend) -> None:
     assert (await consumer.metrics()).archived == 1
 
 
+async def test_archive_many_archives_what_it_holds_in_one_call(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    ids = await producer.enqueue_many([{"n": n} for n in range(4)])
+    held = [message.id for message in await consumer.dequeue(batch_size=3)]
+    assert held == ids[:3]
+
+    assert await consumer.archive_many([held[2], "no-such-id", ids[3], held[0]]) == [
+        True,
+        False,
+        False,  # enqueued but never dequeued: not held
+        True,
+    ]
+    assert [await status_of(backend, i) for i in ids] == [
+        TaskStatus.SUCCESS,
+        TaskStatus.RUNNING,
+        TaskStatus.SUCCESS,
+        TaskStatus.PENDING,
+    ]
+    assert await consumer.archive_many([]) == []
+    assert (await consumer.metrics()).archived == 2
+
+
+async def test_archive_many_rejects_a_str_and_repeated_ids(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue({"n": 1})
+    await consumer.dequeue()
+    with pytest.raises(ValidationError, match="iterable of message ids"):
+        await consumer.archive_many(message_id)
+    with pytest.raises(ValidationError, match="more than once"):
+        await consumer.archive_many([message_id, message_id])
+    assert await status_of(backend, message_id) is TaskStatus.RUNNING
+
+
 async def test_delete_cancels_a_scheduled_message_no_one_holds(backend: Backend) -> None:
     clock = FakeClock()
     producer, consumer = make(backend, clock)

@@ -281,12 +281,29 @@ class Consumer(_Client):
         ``False`` if this consumer no longer holds it (its visibility timeout ran out
         and another consumer dequeued it, or it was already archived or deleted).
         """
-        await self._ready()
-        finish = Finish(message_id, self.name, TaskStatus.SUCCESS, self.clock.now())
-        done = await self.backend.finish(finish)
-        if not done:
-            logger.warning("archive of message %s ignored: not held by %s", message_id, self.name)
+        (done,) = await self.archive_many([message_id])
         return done
+
+    async def archive_many(self, message_ids: Iterable[str]) -> list[bool]:
+        """:meth:`archive` several held messages in one transaction, so one commit for
+        all of them; a flag per id, in order."""
+        if isinstance(message_ids, str):
+            raise ValidationError("archive_many takes an iterable of message ids, got a str")
+        ids = list(message_ids)
+        if len(set(ids)) != len(ids):
+            raise ValidationError("archive_many got the same message id more than once")
+        if not ids:
+            return []
+        await self._ready()
+        now = self.clock.now()
+        finishes = [Finish(message_id, self.name, TaskStatus.SUCCESS, now) for message_id in ids]
+        settled = await self.backend.settle(finishes, None)
+        for message_id, done in zip(ids, settled.accepted, strict=True):
+            if not done:
+                logger.warning(
+                    "archive of message %s ignored: not held by %s", message_id, self.name
+                )
+        return settled.accepted
 
     async def delete(self, message_id: str) -> bool:
         """Remove a message of this queue whatever its state; ``False`` if there is none.
