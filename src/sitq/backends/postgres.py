@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import threading
 import uuid
@@ -573,45 +574,17 @@ class PostgresBackend(Backend):
         return (await self.settle([reschedule], None)).accepted[0]
 
     async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
-        lone = outcomes[0] if len(outcomes) == 1 else None
-        if isinstance(lone, Finish) and lone.next_run is None and claim is not None:
-            # A worker's usual settle at concurrency 1: one statement, one round trip.
-            return await self._finish_and_claim(lone, claim)
-        # Rows are updated in id order so two transactions touching the same jobs
-        # (this settle and the same worker's heartbeat) cannot deadlock.
-        order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
         # A retry or a series' next run makes a job due; any outcome may finish one (a
         # retry of a task whose cancellation was requested cancels it). Each statement
         # announces what it changed (the outcomes by pg_notify in their RETURNING, so
         # only rows they did change; the next runs' insert as an enqueue does).
         due = any(isinstance(o, Reschedule) or o.next_run is not None for o in outcomes)
-
-        async def work(conn: Conn) -> tuple[Settled, int]:
-            # Pipelined on an autocommit connection, with no BEGIN/COMMIT: everything
-            # is sent before any answer is read, and reading (a flush, not a Sync)
-            # leaves the statements in one implicit transaction that the Sync at the
-            # end of the pipeline commits (or rolls back, on an error). So the whole
-            # turn (outcomes with their NOTIFYs, claim) is atomic. It costs two round
-            # trips (the answers, then the Sync's commit), plus one more when a
-            # recurring task's next run must be inserted.
-            async with conn.pipeline():
-                sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
-                claim_cursor = None if claim is None else await self._send_claim(conn, claim)
-                accepted = [False] * len(outcomes)
-                next_runs: list[NewJob] = []
-                for index, cursor in zip(order, sent, strict=True):
-                    row = await cursor.fetchone()
-                    accepted[index] = row is not None
-                    outcome = outcomes[index]
-                    # A cancelled series stops: no next run.
-                    if row is not None and isinstance(outcome, Finish) and not row[0]:
-                        if outcome.next_run is not None:
-                            next_runs.append(outcome.next_run)
-                claimed, died = await self._claimed(claim_cursor)
-                if next_runs:
-                    await self._insert(conn, next_runs)
-            return Settled(accepted, claimed), died
-
+        lone = outcomes[0] if len(outcomes) == 1 else None
+        if isinstance(lone, Finish) and lone.next_run is None and claim is not None:
+            # A worker's usual settle at concurrency 1: one statement, one round trip.
+            work = functools.partial(self._finish_and_claim, finish=lone, claim=claim)
+        else:
+            work = functools.partial(self._pipelined_settle, outcomes=outcomes, claim=claim)
         settled, died = await self._read(work)
         if any(settled.accepted):
             self._wake(work=due, finished=True)
@@ -620,24 +593,52 @@ class PostgresBackend(Backend):
             settled = Settled(settled.accepted, settled.claimed + more)
         return settled
 
-    async def _finish_and_claim(self, finish: Finish, claim: ClaimRequest) -> Settled:
-        """settle() of one finish with no next run and a claim: one statement."""
+    async def _finish_and_claim(
+        self, conn: Conn, *, finish: Finish, claim: ClaimRequest
+    ) -> tuple[Settled, int]:
+        """One finish with no next run, and a claim: one statement, atomic in
+        autocommit (see _FINISH_AND_CLAIM)."""
         if claim.queues is None:
             statement = self._sql.finish_and_claim_all
         else:
             statement = self._sql.finish_and_claim_queues
-        params = self._claim_params(claim) | self._finish_params(finish)
-
-        async def work(conn: Conn) -> list[Any]:
-            cursor = await conn.execute(statement, params)
-            return await cursor.fetchall()
-
-        rows = await self._read(work)  # one statement: atomic in autocommit
-        recorded = rows[0][0] is not None
+        cursor = await conn.execute(
+            statement, self._claim_params(claim) | self._finish_params(finish)
+        )
+        rows = await cursor.fetchall()
         claimed, died = self._leased([row[1:] for row in rows if row[1] is not None])
-        if recorded:
-            self._wake(work=False, finished=True)
-        return Settled([recorded], claimed + await self._refill(claim, len(claimed), died))
+        return Settled([rows[0][0] is not None], claimed), died
+
+    async def _pipelined_settle(
+        self, conn: Conn, *, outcomes: Sequence[Outcome], claim: ClaimRequest | None
+    ) -> tuple[Settled, int]:
+        """Any outcomes and a claim, pipelined on an autocommit connection with no
+        BEGIN/COMMIT: everything is sent before any answer is read, and reading (a
+        flush, not a Sync) leaves the statements in one implicit transaction that the
+        Sync at the end of the pipeline commits (or rolls back, on an error). So the
+        whole turn (outcomes with their NOTIFYs, claim) is atomic. It costs two round
+        trips (the answers, then the Sync's commit), plus one more when a recurring
+        task's next run must be inserted."""
+        # Rows are updated in id order so two transactions touching the same jobs
+        # (this settle and the same worker's heartbeat) cannot deadlock.
+        order = sorted(range(len(outcomes)), key=lambda index: outcomes[index].id)
+        async with conn.pipeline():
+            sent = [await self._send_outcome(conn, outcomes[index]) for index in order]
+            claim_cursor = None if claim is None else await self._send_claim(conn, claim)
+            accepted = [False] * len(outcomes)
+            next_runs: list[NewJob] = []
+            for index, cursor in zip(order, sent, strict=True):
+                row = await cursor.fetchone()
+                accepted[index] = row is not None
+                outcome = outcomes[index]
+                # A cancelled series stops: no next run.
+                if row is not None and isinstance(outcome, Finish) and not row[0]:
+                    if outcome.next_run is not None:
+                        next_runs.append(outcome.next_run)
+            claimed, died = await self._claimed(claim_cursor)
+            if next_runs:
+                await self._insert(conn, next_runs)
+        return Settled(accepted, claimed), died
 
     async def _update_one(
         self, statement: str, params: dict[str, Any], *, work: bool, finished: bool

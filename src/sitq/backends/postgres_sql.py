@@ -253,9 +253,9 @@ RETURNING cancel_requested, pg_notify(%(finished_channel)s, %(token)s)
 # takes a second for the commit. Measured: 760 -> 590 us of wall time per settle, and
 # half the client CPU. The claim leaves out the job being finished (its lease may have
 # run out): of two updates of one row in one statement, PostgreSQL applies one, and
-# which is not promised. Each row returned
-# holds the finish's (cancel_requested; NULL when it was not recorded) and a claimed
-# job's columns (NULLs when nothing was claimed): at least one row, always.
+# which is not promised. Each row returned holds the finish's cancel_requested (NULL
+# when it was not recorded) and a claimed job's columns (NULLs when nothing was
+# claimed): at least one row, always.
 _FINISH_AND_CLAIM = (
     "WITH RECURSIVE finished AS ("
     + _FINISH
