@@ -183,7 +183,8 @@ class Consumer(_Client):
     """Takes JSON messages from one queue, each hidden from others while it is held.
 
     A dequeued message stays hidden for ``visibility_timeout`` seconds. Finish it with
-    :meth:`archive` (kept as ``success``) or :meth:`delete`, give it back with
+    :meth:`archive` (kept as ``success``; :meth:`archive_many` for a batch in one
+    commit) or :meth:`delete`, give it back with
     :meth:`release`, or keep it longer with :meth:`extend_visibility`. If none of
     that happens in time, the next dequeue (by any consumer) gets it again with its
     ``read_count`` one higher: delivery is at least once.
