@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from sitq import (
     BackendError,
     Result,
     ResultTimeoutError,
+    RetryPolicy,
     SerializationError,
     SQLiteBackend,
     SyncClientError,
@@ -126,6 +127,15 @@ def wait_for_gate(name: str) -> str:
 
 def make_generator() -> Iterator[int]:
     yield 1
+
+
+async def double_on_the_loop(value: int) -> tuple[int, bool]:
+    await asyncio.sleep(0)
+    return value * 2, threading.current_thread() is threading.main_thread()
+
+
+def returns_a_coroutine(value: int) -> Coroutine[Any, Any, tuple[int, bool]]:
+    return double_on_the_loop(value)
 
 
 class WatchedClock(SystemClock):
@@ -295,6 +305,38 @@ async def test_async_tasks_run_on_the_loop_and_sync_ones_in_threads(
     sync_thread, had_loop = queue.deserialize_result(sync_result)
     assert sync_thread != threading.get_ident()
     assert had_loop is False
+
+
+async def test_a_sync_task_that_returns_a_coroutine_has_it_run_on_the_loop(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    task_id = await queue.enqueue(returns_a_coroutine, 21)
+    result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and result.status == "success", result
+    assert queue.deserialize_result(result) == (42, True)
+
+
+async def test_a_task_whose_thread_cannot_start_is_retried_and_the_worker_goes_on(
+    queue: TaskQueue, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def refuse_the_first_start(thread: threading.Thread) -> None:
+        if not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_the_first_start)
+    task_id = await queue.enqueue(add, 1, 2, max_retries=1, retry=RetryPolicy(backoff=0))
+    w = Worker(backend, poll_interval=0.2)
+    async with asyncio.timeout(30):
+        assert await w.serve(burst=True) == 2  # the refused attempt, then the retry
+    assert refused
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "success" and result.attempts == 2
+    assert queue.deserialize_result(result) == 3
 
 
 async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: Worker) -> None:

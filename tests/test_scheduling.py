@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -104,11 +104,19 @@ def fail_once() -> str:
     return "ok"
 
 
-async def retry_once_later() -> str:
+def _retry_the_first_call() -> str:
     STATE.calls += 1
     if STATE.calls == 1:
         raise Retry(delay=3)
     return "done"
+
+
+async def retry_once_later() -> str:
+    return _retry_the_first_call()
+
+
+def retry_once_later_in_a_thread() -> str:
+    return _retry_the_first_call()
 
 
 async def always_retry() -> None:
@@ -626,12 +634,19 @@ async def test_per_queue_retry_policy(backend: Backend, clock: FakeClock, state:
     assert task is not None and task.max_retries == 2
 
 
+@pytest.mark.parametrize(
+    "func", [retry_once_later, retry_once_later_in_a_thread], ids=["async", "sync"]
+)
 async def test_raising_retry_reschedules_after_its_delay(
-    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+    backend: Backend,
+    queue: TaskQueue,
+    clock: FakeClock,
+    state: _State,
+    func: Callable[[], Any],
 ) -> None:
     # Retry(delay=3) overrides the (much longer) backoff of the policy.
     task_id = await queue.enqueue(
-        retry_once_later, max_retries=1, retry=RetryPolicy(backoff=1000, jitter=False)
+        func, max_retries=1, retry=RetryPolicy(backoff=1000, jitter=False)
     )
     worker = fake_worker(backend, clock)
     assert await worker.serve(burst=True) == 1
