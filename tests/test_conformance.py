@@ -477,6 +477,56 @@ async def test_settle_finishing_a_job_whose_lease_ran_out_does_not_claim_it(
     assert (await get(backend, "a")).status is TaskStatus.SUCCESS
 
 
+async def test_settle_of_many_finishes_records_each_exactly(backend: Backend) -> None:
+    # Several finishes at once: a worker's settle at concurrency > 1, a consumer's
+    # archive_many (PostgreSQL sends them as one statement, their values as JSON).
+    await backend.enqueue([job(name) for name in "abcdef"])
+    assert [r.id for r in await backend.claim(claim_req("w1", limit=4))] == list("abcd")
+    assert [r.id for r in await backend.claim(claim_req("w2", limit=1))] == ["e"]
+    late = LEASE.total_seconds() + 1
+    error = 'ValueError: "quoted", \\ and ünïcode ☃\nover two lines'
+    settled = await backend.settle(
+        [
+            Finish("d", "w1", TaskStatus.SUCCESS, at(late), result=bytes(range(256))),
+            Finish("a", "w1", TaskStatus.FAILED, at(1.5), error=error, traceback="Trace\n"),
+            Finish("e", "w1", TaskStatus.SUCCESS, at(1)),  # w2 holds it
+            Finish("b", "w1", TaskStatus.CANCELLED, at(1), error="cancelled"),
+            Finish("ghost", "w1", TaskStatus.SUCCESS, at(1)),
+        ],
+        None,
+    )
+    assert settled.accepted == [True, True, False, True, False]
+    d, a, b = [await get(backend, name) for name in "dab"]
+    assert (d.status, d.result, d.finished_at) == (
+        TaskStatus.SUCCESS,
+        bytes(range(256)),
+        at(late),
+    )
+    assert (a.status, a.error, a.traceback, a.finished_at, a.result) == (
+        TaskStatus.FAILED,
+        error,
+        "Trace\n",
+        at(1.5),
+        None,
+    )
+    assert (b.status, b.error) == (TaskStatus.CANCELLED, "cancelled")
+    assert (await get(backend, "e")).status is TaskStatus.RUNNING
+
+    # With a claim: the jobs being finished are not claimed, though their leases ran out.
+    await backend.enqueue([job("g", due=late)])
+    settled = await backend.settle(
+        [
+            Finish("c", "w1", TaskStatus.SUCCESS, at(late)),
+            Finish("e", "w2", TaskStatus.SUCCESS, at(late)),
+        ],
+        claim_req("w2", now=late),
+    )
+    assert settled.accepted == [True, True]
+    assert [r.id for r in settled.claimed] == ["f", "g"]
+    for name in "ce":
+        assert (await get(backend, name)).status is TaskStatus.SUCCESS
+
+
 # -- cancel, requeue, delete -----------------------------------------------------------
 
 

@@ -32,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import random
 import threading
 import uuid
+from base64 import b64encode
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -579,10 +581,13 @@ class PostgresBackend(Backend):
         # announces what it changed (the outcomes by pg_notify in their RETURNING, so
         # only rows they did change; the next runs' insert as an enqueue does).
         due = any(isinstance(o, Reschedule) or o.next_run is not None for o in outcomes)
-        lone = outcomes[0] if len(outcomes) == 1 else None
-        if isinstance(lone, Finish) and lone.next_run is None and claim is not None:
+        plain = [o for o in outcomes if isinstance(o, Finish) and o.next_run is None]
+        if len(plain) == 1 == len(outcomes) and claim is not None:
             # A worker's usual settle at concurrency 1: one statement, one round trip.
-            work = functools.partial(self._finish_and_claim, finish=lone, claim=claim)
+            work = functools.partial(self._finish_and_claim, finish=plain[0], claim=claim)
+        elif len(plain) > 1 and len(plain) == len(outcomes):
+            # A worker's usual settle at higher concurrency, a consumer's archive_many.
+            work = functools.partial(self._finish_many, finishes=plain, claim=claim)
         else:
             work = functools.partial(self._pipelined_settle, outcomes=outcomes, claim=claim)
         settled, died = await self._read(work)
@@ -608,6 +613,32 @@ class PostgresBackend(Backend):
         rows = await cursor.fetchall()
         claimed, died = self._leased([row[1:] for row in rows if row[1] is not None])
         return Settled([rows[0][0] is not None], claimed), died
+
+    async def _finish_many(
+        self, conn: Conn, *, finishes: Sequence[Finish], claim: ClaimRequest | None
+    ) -> tuple[Settled, int]:
+        """Finishes with no next runs, and a claim if asked: one statement, atomic in
+        autocommit (see _FINISHES)."""
+        params = {
+            "finishes": _finishes_document(finishes),
+            "finished_channel": self.finished_channel,
+            "token": self._token,
+        }
+        if claim is None:
+            cursor = await conn.execute(self._sql.finish_many, params)
+        else:
+            if claim.queues is None:
+                statement = self._sql.finish_many_and_claim_all
+            else:
+                statement = self._sql.finish_many_and_claim_queues
+            cursor = await conn.execute(statement, self._claim_params(claim) | params)
+        rows = await cursor.fetchall()
+        recorded = set(rows[0][0] or ())
+        settled = [finish.id in recorded for finish in finishes]
+        if claim is None:
+            return Settled(settled, []), 0
+        claimed, died = self._leased([row[1:] for row in rows if row[1] is not None])
+        return Settled(settled, claimed), died
 
     async def _pipelined_settle(
         self, conn: Conn, *, outcomes: Sequence[Outcome], claim: ClaimRequest | None
@@ -748,3 +779,21 @@ class PostgresBackend(Backend):
             return cursor.rowcount
 
         return await self._read(work)
+
+
+def _finishes_document(finishes: Sequence[Finish]) -> str:
+    """The JSON document _FINISHES reads: one object per finish, results in base64."""
+    return json.dumps(
+        [
+            {
+                "id": finish.id,
+                "owner": finish.owner,
+                "status": finish.status.value,
+                "finished_at": finish.now.isoformat(),
+                "result": None if finish.result is None else b64encode(finish.result).decode(),
+                "error": finish.error,
+                "traceback": finish.traceback,
+            }
+            for finish in finishes
+        ]
+    )

@@ -19,6 +19,7 @@ from sitq.core import ReservedTask
 # Identifiers we format into SQL: a plain name keeps quoting trivial and the
 # NOTIFY channel (named after the schema) within PostgreSQL's 63-byte limit.
 SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_INDENTATION = re.compile(r"\n[ \t]+")
 
 # Each entry is one schema version; {schema}.sitq_migrations records which have run.
 # Never edit a released entry: append a new one.
@@ -199,6 +200,9 @@ _CLAIM_STEPS = (
 """
 )
 
+# The picked jobs are leased by an array of ids, not a join: always primary-key
+# probes, even in a generic plan (which cannot know how few rows LIMIT leaves, and
+# might hash-join the table).
 _CLAIM_LEASE = """
 UPDATE {schema}.sitq_jobs AS j SET
     status = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
@@ -218,8 +222,6 @@ UPDATE {schema}.sitq_jobs AS j SET
     started_at = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
                       THEN j.started_at ELSE %(now)s END,
     cancel_requested = false
--- An array of ids, not a join: always primary-key probes, even in a generic plan
--- (which cannot know how few rows LIMIT leaves, and might hash-join the table).
 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING {reserved}
 """
@@ -266,6 +268,50 @@ _FINISH_AND_CLAIM = (
     + """)
 SELECT finished.cancel_requested, claimed.* FROM (SELECT) AS one
 LEFT JOIN finished ON true LEFT JOIN claimed ON true
+"""
+)
+
+# Many finishes with no next run (a worker's settle at concurrency > 1, a consumer's
+# archive_many) in one statement, with their values in one JSON document: one
+# parameter, so the statement text and its plan are the same for any count (a list
+# parameter would make PostgreSQL plan the statement on every call, and one scalar
+# per value grows the text past what psycopg caches). The rows are locked in id
+# order (``held``) before they are updated, as the heartbeat (_EXTEND) locks them:
+# two transactions taking the same rows in one order cannot deadlock. Measured in
+# isolation against the pipeline of one statement per finish (3 to 8 finishes and a
+# claim): half the client CPU, 12-18% less wall time.
+_FINISHES = """
+outcome AS (
+    SELECT * FROM json_to_recordset(%(finishes)s::json) AS o(id text, owner text,
+        status text, finished_at timestamptz, result text, error text, traceback text)
+), held AS (
+    SELECT j.id FROM {schema}.sitq_jobs AS j JOIN outcome AS o ON o.id = j.id
+    WHERE j.owner = o.owner AND j.status = 'running'
+    ORDER BY j.id FOR UPDATE OF j
+), finished AS (
+    UPDATE {schema}.sitq_jobs AS j SET status = o.status, owner = NULL,
+        lease_expires_at = NULL, finished_at = o.finished_at,
+        result = decode(o.result, 'base64'), error = o.error, traceback = o.traceback
+    FROM outcome AS o
+    WHERE j.id = ANY(ARRAY(SELECT id FROM held)) AND o.id = j.id
+    RETURNING j.id, pg_notify(%(finished_channel)s, %(token)s)
+)"""
+
+_FINISH_MANY = "WITH " + _FINISHES + " SELECT array_agg(id) FROM finished"
+
+# The same, then a claim, as _FINISH_AND_CLAIM does for one finish. Each row returned
+# holds the ids finished (NULL for none) and a claimed job's columns (NULLs when
+# nothing was claimed): at least one row, always.
+_FINISH_MANY_AND_CLAIM = (
+    "WITH RECURSIVE "
+    + _FINISHES
+    + ", "
+    + _CLAIM_STEPS
+    + ", claimed AS ("
+    + _CLAIM_LEASE
+    + """)
+SELECT (SELECT array_agg(id) FROM finished), claimed.* FROM (SELECT) AS one
+LEFT JOIN claimed ON true
 """
 )
 
@@ -345,6 +391,9 @@ class Statements:
     claim_queues: str
     finish_and_claim_all: str
     finish_and_claim_queues: str
+    finish_many: str
+    finish_many_and_claim_all: str
+    finish_many_and_claim_queues: str
     extend: str
     finish: str
     reschedule: str
@@ -365,10 +414,13 @@ class Statements:
         schema = f'"{name}"'
 
         def fill(template: str, **extra: str) -> str:
-            return template.format(schema=schema, **extra)
+            # Without the indentation: psycopg caches a statement's conversion only
+            # up to 4 kB of text (see test_every_statement_fits_the_drivers_query_cache).
+            return _INDENTATION.sub("\n", template.format(schema=schema, **extra))
 
         queue_filter = " AND queue = ANY(%(queues)s)"
         unfinished = " AND id <> %(finished_id)s"
+        unfinished_many = " AND id <> ALL(ARRAY(SELECT id FROM outcome))"
         table = f"{schema}.sitq_jobs"
         return cls(
             schema=schema,
@@ -390,6 +442,19 @@ class Statements:
                 _FINISH_AND_CLAIM,
                 queue_filter=queue_filter,
                 unfinished=unfinished,
+                reserved=RESERVED_COLUMNS,
+            ),
+            finish_many=fill(_FINISH_MANY),
+            finish_many_and_claim_all=fill(
+                _FINISH_MANY_AND_CLAIM,
+                queue_filter="",
+                unfinished=unfinished_many,
+                reserved=RESERVED_COLUMNS,
+            ),
+            finish_many_and_claim_queues=fill(
+                _FINISH_MANY_AND_CLAIM,
+                queue_filter=queue_filter,
+                unfinished=unfinished_many,
                 reserved=RESERVED_COLUMNS,
             ),
             extend=fill(_EXTEND),
