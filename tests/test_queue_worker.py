@@ -125,6 +125,10 @@ def wait_for_gate(name: str) -> str:
     return name
 
 
+def explode_with_unstorable_text() -> None:
+    raise ValueError("NUL \x00 and a lone surrogate \udc80")
+
+
 def make_generator() -> Iterator[int]:
     yield 1
 
@@ -348,6 +352,19 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
     result = await queue.get_result(ok_id, timeout=10)
     # The same worker, still serving, runs the next task.
     assert result is not None and queue.deserialize_result(result) == 2
+
+
+async def test_an_error_text_no_backend_can_store_is_escaped_not_lost(
+    queue: TaskQueue, worker: Worker
+) -> None:
+    bad_id = await queue.enqueue(explode_with_unstorable_text)
+    result = await queue.get_result(bad_id, timeout=10)
+    assert result is not None and result.status == "failed"
+    assert result.error == "ValueError: NUL \\x00 and a lone surrogate \\udc80"
+    assert result.traceback is not None and "surrogate \\udc80" in result.traceback
+    ok_id = await queue.enqueue(add, 2, 3)
+    result = await queue.get_result(ok_id, timeout=10)
+    assert result is not None and queue.deserialize_result(result) == 5
 
 
 async def test_an_unpicklable_return_value_fails_the_task_not_the_worker(

@@ -467,8 +467,8 @@ class Worker:
     ) -> None:
         """Retry the task if it has attempts left, else record the failure."""
         reserved = running.reserved
-        error = f"{type(exc).__name__}: {exc}"
-        trace = "".join(traceback.format_exception(exc))
+        error = _storable(f"{type(exc).__name__}: {exc}")
+        trace = _storable("".join(traceback.format_exception(exc)))
         if final or call is None or reserved.attempts >= reserved.max_attempts:
             self._finish(running, TaskStatus.FAILED, error=error, trace=trace)
             return
@@ -575,3 +575,12 @@ class Worker:
                 Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
             )
             logger.warning("handed back task %s unfinished at shutdown", reserved.id)
+
+
+def _storable(text: str) -> str:
+    """``text`` with what no backend can store spelled out as escapes: NUL, which
+    PostgreSQL's text refuses, and lone surrogates, which UTF-8 cannot encode. An
+    error message holding either once made every settle of its worker fail."""
+    if text.isascii():
+        return text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
