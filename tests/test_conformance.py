@@ -125,6 +125,19 @@ async def test_claim_never_exceeds_limit(backend: Backend) -> None:
     assert {r.id for r in first} | {r.id for r in second} == {f"j{n}" for n in range(5)}
 
 
+async def test_claim_returns_each_of_the_jobs_times(backend: Backend) -> None:
+    await backend.enqueue([job("early", enqueued=1, due=3), job("now", enqueued=2, due=2)])
+    reserved = {r.id: r for r in await backend.claim(claim_req(now=4))}
+    times = {
+        name: (r.enqueued_at, r.available_at, r.scheduled_at, r.lease_expires_at)
+        for name, r in reserved.items()
+    }
+    assert times == {
+        "early": (at(1), at(3), at(3), at(4) + LEASE),
+        "now": (at(2), at(2), at(2), at(4) + LEASE),
+    }
+
+
 async def test_claim_sets_a_lease_and_counts_the_attempt(backend: Backend) -> None:
     await backend.enqueue([job("a")])
     (reserved,) = await backend.claim(claim_req(now=2))

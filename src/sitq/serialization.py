@@ -37,6 +37,8 @@ class CloudpickleSerializer:
     """
 
     def dumps(self, obj: Any) -> bytes:
+        if obj is None:  # what most tasks return
+            return _PICKLED_NONE
         try:
             data = _by_reference_only(obj)
             if data is None:
@@ -66,6 +68,9 @@ class JsonSerializer:
             return json.loads(data)
         except ValueError as exc:
             raise SerializationError(f"stored data is not valid JSON: {exc}") from exc
+
+
+_PICKLED_NONE = pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _by_reference_only(obj: Any) -> bytes | None:

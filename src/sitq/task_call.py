@@ -6,6 +6,7 @@ readable by the next (unknown keys are ignored, missing ones take defaults).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,14 +49,22 @@ class TaskCall:
     @classmethod
     def loads(cls, data: bytes, serializer: Serializer) -> TaskCall:
         envelope = serializer.loads(data)
-        max_retries, backoff, factor, max_backoff, jitter = envelope["retry"]
         return cls(
             func=envelope["func"],
             args=tuple(envelope["args"]),
             kwargs=dict(envelope["kwargs"]),
             timeout=envelope.get("timeout"),
-            retry=RetryPolicy(max_retries, backoff, factor, max_backoff, jitter),
+            retry=_retry_policy(*envelope["retry"]),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _retry_policy(
+    max_retries: int, backoff: float, factor: float, max_backoff: float, jitter: bool
+) -> RetryPolicy:
+    """The (frozen, so shareable) policy of a task: most tasks share a few, and
+    building one validates every field."""
+    return RetryPolicy(max_retries, backoff, factor, max_backoff, jitter)
 
 
 def _name(func: Callable[..., Any]) -> str:

@@ -351,8 +351,9 @@ class SQLiteBackend(Backend):
     # -- rows to objects -----------------------------------------------------------
 
     @staticmethod
-    def _reserved(row: Sequence[Any]) -> ReservedTask:
+    def _reserved(row: Sequence[Any], lease_expires_at: datetime) -> ReservedTask:
         interval_us = row[10]
+        available_at = from_micros(row[7])
         return ReservedTask(
             id=row[0],
             queue=row[1],
@@ -361,12 +362,12 @@ class SQLiteBackend(Backend):
             priority=row[4],
             attempts=row[5],
             max_attempts=row[6],
-            available_at=from_micros(row[7]),
-            enqueued_at=from_micros(row[8]),
-            lease_expires_at=from_micros(row[9]),
+            available_at=available_at,
+            enqueued_at=available_at if row[8] == row[7] else from_micros(row[8]),
+            lease_expires_at=lease_expires_at,  # the claim's, the same for every row
             interval=None if interval_us is None else timedelta(microseconds=interval_us),
             series_id=row[11],
-            scheduled_at=from_micros(row[13]),
+            scheduled_at=available_at if row[13] == row[7] else from_micros(row[13]),
         )
 
     @staticmethod
@@ -442,7 +443,8 @@ class SQLiteBackend(Backend):
             rows += [row for row in found if row[0] not in overdelivered]
             if not overdelivered and len(rows) < request.limit:
                 level = _next_level(conn, request.kind, level)
-        claimed = [self._reserved(row) for row in rows]
+        lease_end = from_micros(lease_expires_at)
+        claimed = [self._reserved(row, lease_end) for row in rows]
         claimed.sort(key=lambda job: (-job.priority, job.available_at))
         return claimed
 
