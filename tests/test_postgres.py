@@ -22,12 +22,20 @@ import pg_tasks
 from conftest import POSTGRES_DSN
 from helpers import wait_until
 from sitq import BackendError, MemoryBackend, SyncTaskQueue, TaskQueue, TaskStatus, Worker
-from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Reschedule, TaskQuery
+from sitq.backends.base import (
+    Backend,
+    ClaimRequest,
+    Finish,
+    NewJob,
+    Reschedule,
+    Settled,
+    TaskQuery,
+)
 
 # psycopg is an optional extra; tests that touch the server skip through ``pg_schema``.
 psycopg = pytest.importorskip("psycopg")
 
-from sitq.backends.postgres import PostgresBackend  # noqa: E402
+from sitq.backends.postgres import PostgresBackend, _finishes_document  # noqa: E402
 from sitq.backends.postgres_sql import MIGRATIONS, Statements  # noqa: E402
 from sitq.backends.url import backend_from_url  # noqa: E402
 
@@ -307,6 +315,51 @@ async def test_far_future_backlog_does_not_slow_claims(pg: PostgresBackend, pg_s
     assert "Seq Scan" not in plan, plan
     # A scan of the backlog costs tens of milliseconds per claim; the index, well under 1.
     assert elapsed / 11 < 0.02, f"claim took {elapsed / 11 * 1000:.1f} ms"
+
+
+def _plans(pg: PostgresBackend, statement: str, params: dict[str, object]) -> list[str]:
+    """EXPLAIN of ``statement``, as planned for given values and as a prepared
+    statement's generic plan (which a worker runs after a few calls)."""
+    plans = []
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            conn.execute(f"SET plan_cache_mode = {mode}")
+            rows = conn.execute("EXPLAIN " + statement, params)  # type: ignore[arg-type]
+            plans.append("\n".join(row[0] for row in rows))
+    return plans
+
+
+async def test_finishes_and_heartbeats_find_rows_by_primary_key(
+    pg: PostgresBackend, pg_schema: str
+) -> None:
+    # Every job leased since the last vacuum leaves an entry in sitq_jobs_lease, an
+    # index the planner takes for small (few jobs run at once). A settle or heartbeat
+    # that scanned it took time in proportion to the jobs run since the last vacuum.
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{pg_schema}".sitq_jobs SET (autovacuum_enabled = false)')
+        conn.execute(
+            f'INSERT INTO "{pg_schema}".sitq_jobs (id, queue, kind, status, priority,'
+            " payload, enqueued_at, available_at, max_attempts)"
+            " SELECT 'old' || n, 'default', 'task', 'pending', 0, '\\x00'::bytea,"
+            " %s, %s, 1 FROM generate_series(1, 20000) AS n",
+            (NOW, NOW),
+        )
+        table = f'"{pg_schema}".sitq_jobs'
+        conn.execute(f"UPDATE {table} SET status = 'running', lease_expires_at = %s", (NOW,))
+        conn.execute(f"UPDATE {table} SET status = 'succeeded', lease_expires_at = NULL")
+        conn.execute(f"ANALYZE {table}")
+    await pg.enqueue([job("a"), job("b")])
+    assert len(await pg.claim(claim("w"))) == 2
+    finishes = [Finish(job_id, "w", TaskStatus.SUCCESS, NOW) for job_id in ("a", "b")]
+    settle = {
+        "finishes": _finishes_document(finishes),
+        "finished_channel": pg.finished_channel,
+        "token": "t",
+    }
+    heartbeat = {"ids": ["a", "b"], "owner": "w", "lease_expires_at": NOW}
+    for plan in _plans(pg, pg._sql.finish_many, settle) + _plans(pg, pg._sql.extend, heartbeat):
+        assert "sitq_jobs_pkey" in plan and "sitq_jobs_lease" not in plan, plan
+    assert await pg.settle(finishes, None) == Settled([True, True], [])
 
 
 # -- LISTEN/NOTIFY ------------------------------------------------------------------------
