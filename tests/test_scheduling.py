@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from helpers import wait_until
 from sitq import (
     FakeClock,
+    MemoryBackend,
     ResultTimeoutError,
     Retry,
     RetryPolicy,
@@ -992,6 +993,40 @@ async def test_worker_retention_prunes_as_time_passes(
         await wait_until(old_is_gone)
     assert await queue.get_task(recent) is not None
     assert await queue.get_task(never) is not None
+
+
+class _ClockMovesDuringPurge(MemoryBackend):
+    """A prune's round trip during which the test moves the fake clock: the window a
+    slow server leaves between a worker's prune and its going to sleep."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.step: timedelta | None = None
+
+    async def purge(
+        self, finished_before: datetime, statuses: Sequence[TaskStatus], limit: int | None = None
+    ) -> int:
+        removed = await super().purge(finished_before, statuses, limit)
+        step, self.step = self.step, None
+        if step is not None:
+            self.clock.advance(step)
+        return removed
+
+
+async def test_worker_prunes_when_the_clock_moved_during_its_last_prune(clock: FakeClock) -> None:
+    backend = _ClockMovesDuringPurge(clock)
+    queue = TaskQueue(backend, clock=clock)
+    old = await queue.enqueue(record, "old")
+    async with serving(fake_worker(backend, clock, retention=timedelta(hours=1))):
+        await wait_until(lambda: settled(queue))
+        backend.step = timedelta(hours=1)  # old is past retention once this prune returns
+        clock.advance(timedelta(minutes=2))  # a prune is due; it finds nothing to remove
+
+        async def old_is_gone() -> bool:
+            return await queue.get_task(old) is None
+
+        await wait_until(old_is_gone)
 
 
 # -- enqueue_call ------------------------------------------------------------------------------

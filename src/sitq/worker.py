@@ -21,7 +21,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Outcome, Reschedule
@@ -225,7 +225,7 @@ class Worker:
                 settled_any = bool(self._outcomes)
                 claimed = await self._settle(claim)
                 if claimed is None:  # storage failed; _settle logged it
-                    await self._idle(wake)
+                    await self._idle(wake, self.clock.now())
                     continue
                 for reserved in claimed:
                     self._launch(reserved)
@@ -233,8 +233,12 @@ class Worker:
                     continue
                 if burst and not self._running:
                     break
-                await self._prune_if_due()
-                await self._idle(wake)
+                # One reading of the clock for both: had the idle deadline been taken
+                # after the prune's round trip, a fake clock advanced during it would
+                # leave the worker asleep without pruning at the new time.
+                now = self.clock.now()
+                await self._prune_if_due(now)
+                await self._idle(wake, now)
             while self._running or self._outcomes:
                 if self._outcomes:
                     await self._settle(None)
@@ -266,9 +270,9 @@ class Worker:
             self._log_outcome(running, outcome, accepted)
         return settled.claimed
 
-    async def _idle(self, wake: asyncio.Event) -> None:
-        """Sleep until the poll interval, the next known due time or a wake-up."""
-        now = self.clock.now()
+    async def _idle(self, wake: asyncio.Event, now: datetime) -> None:
+        """Sleep until the poll interval after ``now``, the next known due time or a
+        wake-up."""
         deadline = now + timedelta(seconds=self.poll_interval)
         # Any free slot must wake for the next due time, also while other tasks run:
         # gating this on "nothing running" let an eta task start up to poll_interval
@@ -291,17 +295,17 @@ class Worker:
                     deadline = next_due
         await self.clock.sleep_until(deadline, wake)
 
-    async def _prune_if_due(self) -> None:
+    async def _prune_if_due(self, now: datetime) -> None:
         if self.retention is None:
             return
         # On the worker's clock, so tests can drive retention with a FakeClock.
-        moment = self.clock.now().timestamp()
+        moment = now.timestamp()
         if 0 <= moment - self._last_prune < PRUNE_EVERY.total_seconds():
             return
         self._last_prune = moment
         try:
             removed = await self.backend.purge(
-                self.clock.now() - self.retention,
+                now - self.retention,
                 [status for status in TaskStatus if status in FINISHED_STATUSES],
                 PURGE_BATCH,
             )
