@@ -11,10 +11,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from sitq import BackendError, TaskStatus
+from sitq import BackendError, SQLiteBackend, TaskStatus, ValidationError
 from sitq.backends.base import (
     Backend,
     ClaimRequest,
@@ -743,3 +744,13 @@ async def test_purge_with_a_limit_deletes_at_most_that_many(backend: Backend) ->
     success = [TaskStatus.SUCCESS]
     assert [await backend.purge(at(10), success, 2) for _ in range(4)] == [2, 2, 1, 0]
     assert await backend.list_jobs(TaskQuery()) == []
+
+
+def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:
+    # str(None) would open a file named "None": an unset setting must not do that.
+    for path in (None, 5, b"sitq.db"):
+        with pytest.raises(ValidationError, match="path must be a str"):
+            SQLiteBackend(path)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="needs a file"):
+        SQLiteBackend(":memory:")
+    assert SQLiteBackend(tmp_path / "a.db").path == SQLiteBackend(str(tmp_path / "a.db")).path

@@ -153,6 +153,47 @@ async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: 
     assert await stored_messages(backend) == []
 
 
+async def test_out_of_range_arguments_are_rejected_alike_on_every_backend(
+    backend: Backend,
+) -> None:
+    producer, consumer = make(backend, FakeClock())
+    # Past about 100 years a duration would overflow datetime arithmetic.
+    with pytest.raises(ValidationError, match="delay_seconds must be at most"):
+        await producer.enqueue_delayed({}, 1e12)
+    with pytest.raises(ValidationError, match="delay must be at most"):
+        await consumer.release("x", delay=1e12)
+    with pytest.raises(ValidationError, match="seconds must be at most"):
+        await consumer.extend_visibility("x", 1e12)
+    with pytest.raises(ValidationError, match="visibility_timeout must be at most"):
+        Consumer(backend, "jobs", 1e12)
+    # Delivery counts are PostgreSQL integers.
+    for limit in (2**31, 0):
+        with pytest.raises(ValidationError, match="max_deliveries must be between 1 and"):
+            Producer(backend, "jobs", max_deliveries=limit)
+    # NUL: PostgreSQL's text refuses it; a lone surrogate: UTF-8 cannot encode it.
+    for text in ("a\x00b", "a\ud800"):
+        with pytest.raises(ValidationError, match="queue"):
+            Producer(backend, text)
+        with pytest.raises(ValidationError, match="queue"):
+            Consumer(backend, text)
+        with pytest.raises(ValidationError, match="name"):
+            Consumer(backend, "jobs", name=text)
+    for message_id in (123, None, "a\x00", "\ud800"):
+        for call in (
+            consumer.archive,
+            consumer.delete,
+            consumer.requeue,
+            consumer.release,
+            lambda message_id: consumer.archive_many([message_id]),
+            lambda message_id: consumer.extend_visibility(message_id, 5),
+        ):
+            with pytest.raises(ValidationError, match="message_id"):
+                await call(message_id)
+    assert await stored_messages(backend) == []
+    limit_id = await Producer(backend, "jobs", max_deliveries=2**31 - 1).enqueue({})
+    assert await status_of(backend, limit_id) is TaskStatus.PENDING
+
+
 # -- visibility --------------------------------------------------------------------------
 
 
@@ -212,6 +253,10 @@ async def test_extend_visibility_keeps_the_message_hidden(backend: Backend) -> N
         await first.extend_visibility(message_id, 30)
     with pytest.raises(TaskNotFoundError):
         await first.extend_visibility("no-such-id", 30)
+    # A message of another queue is not found here either, as for delete and requeue.
+    elsewhere = await Producer(backend, "other", clock=clock).enqueue({})
+    with pytest.raises(TaskNotFoundError):
+        await first.extend_visibility(elsewhere, 30)
 
 
 async def test_release_with_delay_counts_the_read(backend: Backend) -> None:

@@ -21,7 +21,15 @@ import pytest
 import pg_tasks
 from conftest import POSTGRES_DSN
 from helpers import wait_until
-from sitq import BackendError, MemoryBackend, SyncTaskQueue, TaskQueue, TaskStatus, Worker
+from sitq import (
+    BackendError,
+    MemoryBackend,
+    SyncTaskQueue,
+    TaskQueue,
+    TaskStatus,
+    ValidationError,
+    Worker,
+)
 from sitq.backends.base import (
     Backend,
     ClaimRequest,
@@ -153,8 +161,13 @@ def test_a_sync_client_and_a_worker_thread_share_one_backend(
 
 
 def test_schema_name_is_validated() -> None:
-    with pytest.raises(ValueError, match="schema"):
-        PostgresBackend(POSTGRES_DSN, schema='x"; DROP TABLE y; --')
+    # "name\n" once passed: a regex's $ also matches before a final newline.
+    for schema in ('x"; DROP TABLE y; --', "jobs\n", "\njobs", "", "a" * 64, 5):
+        with pytest.raises(ValidationError, match="schema"):
+            PostgresBackend(POSTGRES_DSN, schema=schema)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="schema"):
+        backend_from_url(f"{POSTGRES_DSN}?schema=jobs%0A")
+    assert PostgresBackend(POSTGRES_DSN, schema="a" * 63).schema == "a" * 63
 
 
 def test_url_may_name_the_schema() -> None:

@@ -21,6 +21,7 @@ import pytest
 from helpers import wait_until
 from sitq import (
     BackendError,
+    MemoryBackend,
     Result,
     ResultTimeoutError,
     RetryPolicy,
@@ -32,6 +33,7 @@ from sitq import (
     Task,
     TaskQueue,
     TaskStatus,
+    ValidationError,
     Worker,
 )
 from sitq.backends.base import Backend
@@ -127,6 +129,31 @@ def wait_for_gate(name: str) -> str:
 
 def explode_with_unstorable_text() -> None:
     raise ValueError("NUL \x00 and a lone surrogate \udc80")
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+class _OwnBaseException(BaseException):
+    pass
+
+
+def exit_the_process() -> None:
+    raise SystemExit(3)
+
+
+async def interrupt_the_loop() -> None:
+    raise KeyboardInterrupt
+
+
+async def raise_own_base_exception() -> None:
+    raise _OwnBaseException("not an Exception")
+
+
+def raise_unprintable() -> None:
+    raise _UnprintableError
 
 
 def make_generator() -> Iterator[int]:
@@ -352,6 +379,59 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
     result = await queue.get_result(ok_id, timeout=10)
     # The same worker, still serving, runs the next task.
     assert result is not None and queue.deserialize_result(result) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
+        ({"max_concurrency": True}, "max_concurrency must be an int"),
+        ({"poll_interval": 0}, "poll_interval must be positive"),
+        ({"poll_interval": float("nan")}, "poll_interval"),
+        ({"visibility_timeout": 0.01}, "visibility_timeout must be at least"),
+        ({"visibility_timeout": 1e12}, "visibility_timeout must be at most"),
+        ({"queues": "default"}, "queues must be a non-empty list"),
+        ({"queues": [1]}, "queue must be a str"),
+        ({"queues": ["a\x00b"]}, "queue must not contain NUL"),
+        ({"name": 123}, "name must be a str"),
+        ({"name": ""}, "name must not be empty"),
+    ],
+)
+def test_worker_rejects_bad_options_when_built(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Worker(MemoryBackend(), **options)
+
+
+def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:
+    with pytest.raises(ValidationError, match="backend must be a sitq Backend, got str"):
+        Worker("tasks.db")  # type: ignore[arg-type]
+    worker = Worker(MemoryBackend(), poll_interval=timedelta(milliseconds=250))
+    assert worker.poll_interval == 0.25
+
+
+@pytest.mark.parametrize(
+    ("func", "error"),
+    [
+        (exit_the_process, "SystemExit: 3"),
+        (interrupt_the_loop, "KeyboardInterrupt: "),
+        (raise_own_base_exception, "_OwnBaseException: not an Exception"),
+        (raise_unprintable, "_UnprintableError: <str() of the exception failed>"),
+    ],
+    ids=["sys.exit-in-thread", "KeyboardInterrupt-async", "BaseException-async", "bad-str"],
+)
+async def test_whatever_a_task_raises_is_its_failure_not_the_workers(
+    queue: TaskQueue, worker: Worker, func: Callable[[], Any], error: str
+) -> None:
+    # Before, sys.exit() or KeyboardInterrupt in a task stopped the worker and left the
+    # task 'running', to stop the next worker after its lease; another BaseException,
+    # or an exception whose str() raised, left it 'running' and its slot taken.
+    bad_id = await queue.enqueue(func, max_retries=0)
+    result = await queue.get_result(bad_id, timeout=10)
+    assert result is not None and (result.status, result.error) == ("failed", error)
+    assert result.attempts == 1
+    ok_id = await queue.enqueue(add, 1, 2)
+    result = await queue.get_result(ok_id, timeout=10)
+    assert result is not None and queue.deserialize_result(result) == 3
 
 
 async def test_an_error_text_no_backend_can_store_is_escaped_not_lost(

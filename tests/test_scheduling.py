@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -284,6 +284,35 @@ async def test_eta_and_delay_are_validated(queue: TaskQueue) -> None:
     with pytest.raises(ValidationError, match="eta must be timezone-aware"):
         await queue.enqueue(record, "x", eta=datetime(2030, 1, 1, 12))
     assert sum((await queue.counts()).values()) == 0, "a rejected enqueue stored a job"
+
+
+async def test_huge_durations_and_far_etas_are_rejected_naming_the_argument(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    # Each would overflow datetime arithmetic at enqueue or, later, in the worker.
+    latest = datetime.max.replace(tzinfo=UTC)
+    west = timezone(timedelta(hours=-1))
+    calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("delay", lambda: queue.enqueue(record, "x", delay=1e12)),
+        ("timeout", lambda: queue.enqueue(record, "x", timeout=1e300)),
+        ("interval", lambda: queue.enqueue(record, "x", interval=2**62)),
+        ("interval", lambda: queue.enqueue(record, "x", interval=timedelta(days=3_000_000))),
+        ("eta", lambda: queue.enqueue(record, "x", eta=datetime.max.replace(tzinfo=west))),
+        ("eta .* series", lambda: queue.enqueue(record, "x", eta=latest, interval=60_000)),
+        ("older_than", lambda: queue.purge(older_than=1e12)),
+    ]
+    for name, call in calls:
+        with pytest.raises(ValidationError, match=name):
+            await call()
+    for bad in ("1", True, -1, float("nan"), 1e12):
+        with pytest.raises(ValidationError, match="timeout"):
+            await queue.get_result("x", timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Worker(backend, visibility_timeout=1e12)
+    assert sum((await queue.counts()).values()) == 0, "a rejected enqueue stored a job"
+    # A far eta without an interval stays allowed.
+    task = await queue.get_task(await queue.enqueue(record, "x", eta=latest))
+    assert task is not None and task.available_at == latest
 
 
 async def test_eta_in_another_timezone_is_stored_as_utc(queue: TaskQueue) -> None:
@@ -879,6 +908,21 @@ async def test_priority_first_then_due_time(
         await queue.enqueue(record, "x", priority=1.5)  # type: ignore[arg-type]
 
 
+async def test_priority_and_max_retries_fit_a_postgresql_integer_on_every_backend(
+    queue: TaskQueue,
+) -> None:
+    for priority in (2**31, -(2**31) - 1, 2**63):
+        with pytest.raises(ValidationError, match="priority must be between"):
+            await queue.enqueue(record, "x", priority=priority)
+    with pytest.raises(ValidationError, match="max_retries must be between"):
+        await queue.enqueue(record, "x", max_retries=2**31 - 1)
+    assert sum((await queue.counts()).values()) == 0
+    for priority in (2**31 - 1, -(2**31)):
+        task_id = await queue.enqueue(record, "x", priority=priority, max_retries=2**31 - 2)
+        task = await queue.get_task(task_id)
+        assert task is not None and task.priority == priority
+
+
 async def test_equal_priority_and_due_time_run_in_enqueue_order(
     backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
 ) -> None:
@@ -908,6 +952,9 @@ async def test_purge_removes_only_finished_tasks_older_than_the_cutoff(
 
     with pytest.raises(ValidationError, match="finished"):
         await queue.purge(older_than=0, statuses=["pending"])
+    for one_status in ("success", TaskStatus.SUCCESS):
+        with pytest.raises(ValidationError, match="statuses must be a list"):
+            await queue.purge(statuses=one_status)
     assert await queue.purge(older_than=60, statuses=["failed"]) == 1
     assert await queue.get_task(old_failed) is None
     assert await queue.purge(older_than=timedelta(seconds=60)) == 2
@@ -995,6 +1042,29 @@ async def test_worker_retention_prunes_as_time_passes(
     assert await queue.get_task(never) is not None
 
 
+async def test_a_worker_that_takes_back_its_own_running_task_does_not_run_it_twice(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+) -> None:
+    # The lease runs out while the task still runs here (as when a blocked event loop
+    # misses its heartbeats), and this worker's next claim takes the task back.
+    task_id = await queue.enqueue(hold, "once")
+    worker = fake_worker(backend, clock, visibility_timeout=60, max_concurrency=2)
+    async with serving(worker):
+        await wait_until(lambda: state.log == ["once"])
+        clock.advance(timedelta(seconds=61))
+
+        async def taken_back() -> bool:
+            task = await queue.get_task(task_id)
+            return task is not None and task.attempts == 2
+
+        await wait_until(taken_back)
+        assert state.gate is not None
+        state.gate.set()
+        result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and result.status == "success"
+    assert state.log == ["once"]  # one run, not a second one started beside it
+
+
 class _ClockMovesDuringPurge(MemoryBackend):
     """A prune's round trip during which the test moves the fake clock: the window a
     slow server leaves between a worker's prune and its going to sleep."""
@@ -1053,3 +1123,37 @@ async def test_enqueue_call_rejects_unknown_options(queue: TaskQueue) -> None:
     with pytest.raises(ValidationError, match="unknown enqueue options: bogus"):
         await queue.enqueue_many([record], bogus=1)
     assert sum((await queue.counts()).values()) == 0
+
+
+async def test_enqueue_call_and_enqueue_many_check_args_and_kwargs(queue: TaskQueue) -> None:
+    for args in ("ab", 5, None, {"a": 1}):
+        with pytest.raises(ValidationError, match="args must be a tuple or list"):
+            await queue.enqueue_call(record, args=args)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="args must be a tuple or list"):
+            await queue.enqueue_many([(record, args)])
+    for kwargs in ({1: 2}, [1], [], "k"):
+        with pytest.raises(ValidationError, match="kwargs must be a dict with str keys"):
+            await queue.enqueue_call(record, kwargs=kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="kwargs must be a dict with str keys"):
+            await queue.enqueue_many([(record, (), kwargs)])
+    assert sum((await queue.counts()).values()) == 0
+    assert await queue.enqueue_call(record, args=["x"], kwargs={})
+
+
+async def test_queue_names_and_ids_are_checked_alike_on_every_backend(queue: TaskQueue) -> None:
+    # NUL: PostgreSQL's text refuses it; a lone surrogate: UTF-8 cannot encode it.
+    for name in ("a\x00b", "a\ud800", 7, ""):
+        with pytest.raises(ValidationError, match="queue"):
+            await queue.enqueue(record, "x", queue=name)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="queue"):
+            await queue.list_tasks(queue=name)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="queue"):
+            await queue.counts(queue=name)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="queue"):
+            TaskQueue(queue.backend, default_queue=name)  # type: ignore[arg-type]
+    assert sum((await queue.counts()).values()) == 0
+    for task_id in (123, None, b"id", "a\x00", "\ud800"):
+        for call in (queue.get_result, queue.get_task, queue.cancel, queue.retry):
+            with pytest.raises(ValidationError, match="task_id"):
+                await call(task_id)  # type: ignore[arg-type]
+    assert await queue.get_task("no such id") is None

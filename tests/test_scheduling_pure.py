@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import pytest
 
-from sitq import RetryPolicy, ValidationError
+from sitq import Retry, RetryPolicy, ValidationError
 from sitq.scheduling import (
+    MAX_DURATION,
     due_time,
     interval_from,
     next_interval_run,
@@ -92,6 +93,44 @@ def test_seconds_from_names_the_parameter() -> None:
         seconds_from(-2, "grace")
 
 
+def test_seconds_from_accepts_up_to_max_duration() -> None:
+    assert seconds_from(MAX_DURATION, "grace") == MAX_DURATION
+    assert seconds_from(MAX_DURATION.total_seconds(), "grace") == MAX_DURATION
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        MAX_DURATION + timedelta(microseconds=1),
+        timedelta.max,
+        MAX_DURATION.total_seconds() + 1,
+        1e12,
+        1e300,
+        2**62,
+        10**400,  # too large for a float
+    ],
+)
+def test_seconds_from_rejects_durations_past_the_bound_naming_the_parameter(
+    value: object,
+) -> None:
+    with pytest.raises(ValidationError, match="grace must be at most 36525 days"):
+        seconds_from(value, "grace")
+
+
+@pytest.mark.parametrize("value", [True, "1", None, [1]])
+def test_seconds_from_rejects_what_is_not_a_number_or_timedelta(value: object) -> None:
+    with pytest.raises(ValidationError, match="grace must be seconds"):
+        seconds_from(value, "grace")
+
+
+def test_an_eta_that_overflows_in_utc_is_rejected_naming_it() -> None:
+    west = timezone(timedelta(hours=-1))
+    east = timezone(timedelta(hours=1))
+    for eta in (datetime.max.replace(tzinfo=west), datetime.min.replace(tzinfo=east)):
+        with pytest.raises(ValidationError, match="eta is out of range"):
+            due_time(NOW, eta=eta)
+
+
 # -- interval_from -------------------------------------------------------------------------
 
 
@@ -112,6 +151,9 @@ def test_interval_from_timedelta_and_int_milliseconds() -> None:
         (1.5, "int of milliseconds"),
         (True, "int of milliseconds"),
         ("1000", "int of milliseconds"),
+        (MAX_DURATION + timedelta(milliseconds=1), "at most 36525 days"),
+        (timedelta(days=3_000_000), "at most 36525 days"),
+        (2**62, "at most 36525 days"),
     ],
 )
 def test_interval_from_validation_errors(value: object, words: str) -> None:
@@ -228,14 +270,49 @@ def test_default_policy_does_not_retry() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"max_retries": -1}, "max_retries must be between 0 and 2147483646"),
+        # Its attempt count, one more, must fit PostgreSQL's integer.
+        ({"max_retries": 2**31 - 1}, "max_retries must be between 0 and 2147483646"),
         ({"max_retries": 1.5}, "max_retries must be an int"),
         ({"max_retries": True}, "max_retries must be an int"),
-        ({"backoff": -0.1}, "backoff and max_backoff must be >= 0"),
-        ({"max_backoff": -1}, "backoff and max_backoff must be >= 0"),
-        ({"factor": 0.5}, "factor must be >= 1"),
+        ({"backoff": -0.1}, "backoff must not be negative"),
+        ({"backoff": float("nan")}, "backoff must be a finite number"),
+        ({"backoff": float("inf")}, "backoff must be a finite number"),
+        ({"backoff": 1e12}, "backoff must be at most"),
+        ({"backoff": "1"}, "backoff must be seconds"),
+        ({"backoff": timedelta(seconds=1)}, "backoff must be seconds"),
+        ({"max_backoff": -1}, "max_backoff must not be negative"),
+        ({"max_backoff": float("nan")}, "max_backoff must be a finite number"),
+        ({"max_backoff": 1e12}, "max_backoff must be at most"),
+        ({"factor": 0.5}, "factor must be a finite number >= 1"),
+        ({"factor": float("nan")}, "factor must be a finite number >= 1"),
+        ({"factor": float("inf")}, "factor must be a finite number >= 1"),
+        ({"factor": 10**400}, "factor must be a finite number >= 1"),
+        ({"factor": "2"}, "factor must be a number"),
+        ({"factor": True}, "factor must be a number"),
+        ({"jitter": 1}, "jitter must be a bool"),
+        ({"jitter": "no"}, "jitter must be a bool"),
     ],
 )
 def test_retry_policy_validation_errors(kwargs: dict[str, object], words: str) -> None:
     with pytest.raises(ValidationError, match=words):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_policy_accepts_its_largest_values() -> None:
+    policy = RetryPolicy(
+        max_retries=2**31 - 2, backoff=1e9, factor=1e300, max_backoff=1e9, jitter=False
+    )
+    assert policy.max_attempts == 2**31 - 1
+    assert policy.delay_for(2**31 - 2) == 1e9
+
+
+@pytest.mark.parametrize("delay", [-1, float("nan"), float("inf"), 1e12, "5", True])
+def test_retry_rejects_a_bad_delay_when_raised(delay: object) -> None:
+    with pytest.raises(ValidationError, match="Retry delay"):
+        Retry(delay=delay)  # type: ignore[arg-type]
+
+
+def test_retry_delay_is_seconds() -> None:
+    assert Retry(delay=5).delay == 5
+    assert Retry().delay is None

@@ -62,6 +62,11 @@ class Retry(SitqError):  # noqa: N818 - reads as an instruction: raise Retry(del
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
         super().__init__(reason or "task asked to be retried")
-        if delay is not None and delay < 0:
-            raise ValidationError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        if delay is not None:
+            # Imported here because sitq.scheduling imports this module. Checked now so
+            # a bad delay fails the task that raised it, not the worker computing when
+            # to run it again.
+            from sitq.scheduling import seconds_from
+
+            delay = seconds_from(delay, "Retry delay").total_seconds()
         self.delay = delay

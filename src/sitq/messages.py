@@ -56,8 +56,9 @@ from sitq.errors import (
 )
 from sitq.json_payload import JSON, encode_payload, payload_or_bytes
 from sitq.metrics import QueueMetrics, metrics_of
-from sitq.queue import new_id, queue_name
+from sitq.queue import checked_id, new_id, queue_name
 from sitq.scheduling import seconds_from
+from sitq.validation import INT32_MAX, int_in_range, storable_text
 
 logger = logging.getLogger("sitq.messages")
 
@@ -127,7 +128,9 @@ class Producer(_Client):
     ) -> None:
         super().__init__(backend, queue, clock)
         self.max_deliveries = (
-            None if max_deliveries is None else _positive_int(max_deliveries, "max_deliveries")
+            None
+            if max_deliveries is None
+            else int_in_range(max_deliveries, "max_deliveries", 1, INT32_MAX)
         )
 
     async def enqueue(self, payload: Any) -> str:
@@ -215,12 +218,13 @@ class Consumer(_Client):
         lease = seconds_from(visibility_timeout, "visibility_timeout")
         if lease < timedelta(milliseconds=100):
             raise ValidationError("visibility_timeout must be at least 0.1 seconds")
-        if seconds_from(poll_interval, "poll_interval") <= timedelta(0):
+        poll = seconds_from(poll_interval, "poll_interval")
+        if poll <= timedelta(0):
             raise ValidationError(f"poll_interval must be positive, got {poll_interval!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValidationError(f"name must be a non-empty string, got {name!r}")
+        if name is not None and not storable_text(name, "name"):
+            raise ValidationError("name must be a non-empty string")
         self.visibility_timeout = lease
-        self.poll_interval = timedelta(seconds=float(poll_interval))
+        self.poll_interval = poll
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Renew well before the timeout runs out, as the worker does.
         self.heartbeat_interval = max(timedelta(milliseconds=50), lease / 3)
@@ -290,7 +294,7 @@ class Consumer(_Client):
         all of them; a flag per id, in order."""
         if isinstance(message_ids, str):
             raise ValidationError("archive_many takes an iterable of message ids, got a str")
-        ids = list(message_ids)
+        ids = [checked_id(message_id, "message_id") for message_id in message_ids]
         if len(set(ids)) != len(ids):
             raise ValidationError("archive_many got the same message id more than once")
         if not ids:
@@ -313,6 +317,7 @@ class Consumer(_Client):
         hold it. Deleting a message another consumer holds makes that consumer's
         later ``archive`` return ``False``.
         """
+        message_id = checked_id(message_id, "message_id")
         await self._ready()
         # Queue and kind never change, so checking them first cannot race the delete.
         if await self._find(message_id) is None:
@@ -327,9 +332,10 @@ class Consumer(_Client):
         visibility timeout already ran out.
 
         Raises:
-            TaskNotFoundError: no message has this id.
+            TaskNotFoundError: no message of this queue has this id.
             LeaseLostError: this consumer does not hold the message (any more).
         """
+        message_id = checked_id(message_id, "message_id")
         lease = seconds_from(seconds, "seconds")
         if lease <= timedelta(0):
             raise ValidationError(f"seconds must be positive, got {seconds!r}")
@@ -337,9 +343,12 @@ class Consumer(_Client):
         now = self.clock.now()
         report = await self.backend.extend_leases(self.name, [message_id], lease, now)
         if message_id in report.lost:
-            found = await self.backend.get(message_id)
+            # A task, or another queue's message, is not found here: as for delete.
+            found = await self._find(message_id)
             if found is None:
-                raise TaskNotFoundError(f"no message has id {message_id!r}")
+                raise TaskNotFoundError(
+                    f"queue {self.queue!r} has no message with id {message_id!r}"
+                )
             raise LeaseLostError(
                 f"consumer {self.name} does not hold message {message_id} "
                 f"(its status is {found.status.value}); it may have been dequeued by "
@@ -354,6 +363,7 @@ class Consumer(_Client):
         so a message that is released on every failure ends in the dead letters
         instead of cycling forever. ``False`` if this consumer no longer holds it.
         """
+        message_id = checked_id(message_id, "message_id")
         wait = seconds_from(delay, "delay")
         await self._ready()
         return await self.backend.reschedule(
@@ -388,6 +398,7 @@ class Consumer(_Client):
     async def requeue(self, message_id: str) -> bool:
         """Make a dead (or cancelled) message of this queue visible again, with its read
         count reset. ``False`` if there is no such message or it is not dead."""
+        message_id = checked_id(message_id, "message_id")
         await self._ready()
         if await self._find(message_id) is None:
             return False

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +18,7 @@ from sitq.errors import ResultTimeoutError, ValidationError
 from sitq.scheduling import RetryPolicy, due_time, interval_from, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer
 from sitq.task_call import TaskCall
+from sitq.validation import INT32_MAX, INT32_MIN, int_in_range, storable_text
 
 DEFAULT_QUEUE = "default"
 
@@ -30,6 +30,8 @@ RESERVED_OPTIONS = frozenset(
 
 #: Jobs deleted per transaction, by ``purge`` and by workers pruning old results.
 PURGE_BATCH = 5_000
+#: The latest due time, as an aware datetime.
+_LATEST = datetime.max.replace(tzinfo=UTC)
 #: Finished statuses ``purge`` removes by default.
 PURGEABLE = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD)
 
@@ -144,7 +146,7 @@ class TaskQueue:
         """Like ``enqueue`` with the call's arguments given explicitly, so a function
         whose parameters are named like an option (``queue``, ``timeout``...) can
         still receive them."""
-        job = self._job(func, args, kwargs or {}, self._resolve(options))
+        job = self._job(func, args, {} if kwargs is None else kwargs, self._resolve(options))
         await self.backend.enqueue([job])
         return job.id
 
@@ -190,8 +192,7 @@ class TaskQueue:
         timeout: object,
     ) -> _Options:
         chosen = self.default_queue if queue is None else queue_name(queue)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValidationError(f"priority must be an int, got {priority!r}")
+        rank = int_in_range(priority, "priority", INT32_MIN, INT32_MAX)
         policy = retry or self.queue_retry.get(chosen, self.retry_policy)
         if max_retries is not None:
             if isinstance(max_retries, bool) or not isinstance(max_retries, int):
@@ -205,12 +206,20 @@ class TaskQueue:
             if seconds <= 0:
                 raise ValidationError(f"timeout must be positive, got {timeout!r}")
         now = self.clock.now()
+        available_at = due_time(now, eta, delay)
+        every = interval_from(interval)
+        if every is not None and available_at > _LATEST - every:
+            # The worker could not compute the run after the first one.
+            raise ValidationError(
+                f"eta {available_at.isoformat()} is too late for a series: its next run "
+                f"would fall after {_LATEST.isoformat()}"
+            )
         return _Options(
             now=now,
-            available_at=due_time(now, eta, delay),
-            interval=interval_from(interval),
+            available_at=available_at,
+            interval=every,
             queue=chosen,
-            priority=priority,
+            priority=rank,
             retry=policy,
             timeout=seconds,
         )
@@ -224,6 +233,12 @@ class TaskQueue:
     ) -> NewJob:
         if not callable(func):
             raise ValidationError(f"a task must be callable, got {type(func).__name__}")
+        # Checked here, not at run time: a str would run as one argument per character,
+        # and a non-str key cannot be passed as a keyword.
+        if not isinstance(args, tuple | list):
+            raise ValidationError(f"args must be a tuple or list, got {type(args).__name__}")
+        if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+            raise ValidationError(f"kwargs must be a dict with str keys, got {kwargs!r}")
         call = TaskCall(func, tuple(args), dict(kwargs), options.timeout, options.retry)
         job_id = new_id()
         return NewJob(
@@ -248,9 +263,10 @@ class TaskQueue:
         is not finished, so this keeps waiting. Raises ``ResultTimeoutError`` (a
         ``TimeoutError``) when ``timeout`` seconds pass first.
         """
-        if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
-            raise ValidationError(f"timeout must be a non-negative number, got {timeout!r}")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        task_id = checked_id(task_id)
+        deadline = None
+        if timeout is not None:
+            deadline = time.monotonic() + seconds_from(timeout, "timeout").total_seconds()
         finishes = await self.backend.watch_finished()
         woken = finishes.subscribe()
         # A finish in another process may go unannounced (SQLite has no notifications;
@@ -296,14 +312,14 @@ class TaskQueue:
         """Cancel a task: pending or scheduled ones never run; a running async task is
         cancelled cooperatively; a recurring series stops. ``False`` if the task is
         unknown or already finished."""
-        return await self.backend.cancel(task_id, self.clock.now())
+        return await self.backend.cancel(checked_id(task_id), self.clock.now())
 
     async def retry(self, task_id: str) -> bool:
         """Re-queue a failed, dead or cancelled task with fresh attempts."""
-        return await self.backend.requeue(task_id, self.clock.now())
+        return await self.backend.requeue(checked_id(task_id), self.clock.now())
 
     async def get_task(self, task_id: str) -> Task | None:
-        return await self.backend.get(task_id)
+        return await self.backend.get(checked_id(task_id))
 
     async def list_tasks(
         self,
@@ -315,11 +331,18 @@ class TaskQueue:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValidationError(f"limit must be a positive int, got {limit!r}")
         return await self.backend.list_jobs(
-            TaskQuery(status=_status(status), queue=queue, kind="task", limit=limit)
+            TaskQuery(
+                status=_status(status),
+                queue=None if queue is None else queue_name(queue),
+                kind="task",
+                limit=limit,
+            )
         )
 
     async def counts(self, queue: str | None = None) -> dict[str, int]:
         """How many jobs are in each status (all queues, or one)."""
+        if queue is not None:
+            queue_name(queue)
         totals = {status.value: 0 for status in TaskStatus}
         for stats in await self.backend.queue_stats(self.clock.now()):
             if queue is None or stats.queue == queue:
@@ -343,6 +366,9 @@ class TaskQueue:
         holds the database's write lock for long; ``progress`` is called with each
         batch's count.
         """
+        if isinstance(statuses, str):
+            # Iterating it would look up each character as a status.
+            raise ValidationError(f"statuses must be a list of statuses, got the str {statuses!r}")
         wanted = [_status(status) for status in statuses]
         if any(status not in FINISHED_STATUSES for status in wanted):
             raise ValidationError("purge only removes finished jobs")
@@ -386,9 +412,16 @@ def _status(value: TaskStatus | str | None) -> TaskStatus | None:
 
 
 def queue_name(name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise ValidationError(f"queue must be a non-empty string of at most 200 chars: {name!r}")
-    return name
+    text = storable_text(name, "queue")
+    if not text or len(text) > 200:
+        raise ValidationError(f"queue must be a non-empty string of at most 200 chars: {text!r}")
+    return text
+
+
+def checked_id(value: object, name: str = "task_id") -> str:
+    """A task or message id given by the caller: any str every backend can look up
+    (an unknown one is simply not found)."""
+    return storable_text(value, name)
 
 
 def _split_call(

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sitq.errors import ValidationError
+from sitq.validation import INT32_MAX, int_in_range
+
+#: The longest duration sitq accepts, about 100 years: a longer delay, timeout or
+#: interval is surely a mistake, and the bound keeps "now + duration" far from
+#: ``datetime.max``, so due times and lease deadlines never overflow.
+MAX_DURATION = timedelta(days=36_525)
 
 
 def require_aware_utc(value: object, name: str) -> datetime:
@@ -19,24 +26,35 @@ def require_aware_utc(value: object, name: str) -> datetime:
             f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
             f"got naive datetime {value.isoformat()}"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # Near datetime.min or max, the offset can push the UTC time out of range.
+        raise ValidationError(f"{name} is out of range in UTC: {value.isoformat()}") from None
 
 
 def seconds_from(value: object, name: str) -> timedelta:
-    """A non-negative duration given as seconds (int or float) or a ``timedelta``."""
+    """A duration from zero to ``MAX_DURATION``, given as seconds (int or float) or a
+    ``timedelta``."""
     if isinstance(value, timedelta):
-        duration = value
+        seconds: float = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValidationError(f"{name} must be a finite number of seconds, got {value!r}")
-        duration = timedelta(seconds=value)
+        seconds = value
     else:
         raise ValidationError(
             f"{name} must be seconds (int or float) or a timedelta, got {type(value).__name__}"
         )
-    if duration < timedelta(0):
+    if seconds < 0:
         raise ValidationError(f"{name} must not be negative, got {value!r}")
-    return duration
+    # Checked before building a timedelta, which overflows from about 2.7 million years.
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValidationError(
+            f"{name} must be at most {MAX_DURATION.days} days "
+            f"({MAX_DURATION.total_seconds():.0f} seconds), got {value!r}"
+        )
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
 def due_time(now: datetime, eta: object = None, delay: object = None) -> datetime:
@@ -58,16 +76,19 @@ def interval_from(value: object) -> timedelta | None:
     if value is None:
         return None
     if isinstance(value, timedelta):
-        interval = value
+        milliseconds: float = value / timedelta(milliseconds=1)
     elif isinstance(value, int) and not isinstance(value, bool):
-        interval = timedelta(milliseconds=value)
+        milliseconds = value
     else:
         raise ValidationError(
             f"interval must be a timedelta or an int of milliseconds, got {type(value).__name__}"
         )
-    if interval <= timedelta(0):
+    if milliseconds <= 0:
         raise ValidationError(f"interval must be positive, got {value!r}")
-    return interval
+    # Checked before building a timedelta, which overflows from about 2.7 million years.
+    if milliseconds > MAX_DURATION / timedelta(milliseconds=1):
+        raise ValidationError(f"interval must be at most {MAX_DURATION.days} days, got {value!r}")
+    return value if isinstance(value, timedelta) else timedelta(milliseconds=milliseconds)
 
 
 def next_interval_run(scheduled_at: datetime, interval: timedelta, now: datetime) -> datetime:
@@ -80,6 +101,11 @@ def next_interval_run(scheduled_at: datetime, interval: timedelta, now: datetime
     elapsed = now - scheduled_at
     steps = max(1, math.floor(elapsed / interval))
     return scheduled_at + steps * interval
+
+
+#: The most retries a task may have: its attempt count, one more, is stored in a
+#: PostgreSQL ``integer``.
+MAX_RETRIES = INT32_MAX - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +125,20 @@ class RetryPolicy:
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise ValidationError(f"max_retries must be an int, got {self.max_retries!r}")
-        if self.max_retries < 0:
-            raise ValidationError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.backoff < 0 or self.max_backoff < 0:
-            raise ValidationError("backoff and max_backoff must be >= 0 seconds")
-        if self.factor < 1:
-            raise ValidationError(f"factor must be >= 1, got {self.factor}")
+        int_in_range(self.max_retries, "max_retries", 0, MAX_RETRIES)
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, timedelta):
+                # delay_for does float arithmetic on it.
+                raise ValidationError(f"{name} must be seconds (int or float), got timedelta")
+            seconds_from(value, name)
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int | float):
+            raise ValidationError(f"factor must be a number, got {type(self.factor).__name__}")
+        # This also rejects NaN, inf and ints too large for a float.
+        if not 1 <= self.factor <= sys.float_info.max:
+            raise ValidationError(f"factor must be a finite number >= 1, got {self.factor!r}")
+        if not isinstance(self.jitter, bool):
+            raise ValidationError(f"jitter must be a bool, got {self.jitter!r}")
 
     @property
     def max_attempts(self) -> int:

@@ -145,7 +145,7 @@ class PostgresBackend(Backend):
         super().__init__()
         dsn, url_schema = _split_schema(dsn)
         name = schema if schema is not None else (url_schema or "sitq")
-        if not SCHEMA_NAME.match(name):
+        if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
             raise ValidationError(
                 f"schema must be a plain identifier (letters, digits, _), got {name!r}"
             )

@@ -18,7 +18,7 @@ from sitq.core import ReservedTask
 
 # Identifiers we format into SQL: a plain name keeps quoting trivial and the
 # NOTIFY channel (named after the schema) within PostgreSQL's 63-byte limit.
-SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # use with fullmatch
 _INDENTATION = re.compile(r"\n[ \t]+")
 
 # Each entry is one schema version; {schema}.sitq_migrations records which have run.

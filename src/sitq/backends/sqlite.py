@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import sqlite3
 import threading
@@ -187,8 +188,13 @@ class SQLiteBackend(Backend):
     pushes_wakeups = False
     multi_process = True
 
-    def __init__(self, path: str | Path) -> None:
-        text = str(path)
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        text = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+        if not isinstance(text, str):
+            # str() would turn None (an unset setting, say) into a file named "None".
+            raise ValidationError(
+                f"path must be a str or os.PathLike naming a file, got {type(path).__name__}"
+            )
         if text == ":memory:" or text.startswith("file::memory:"):
             raise ValidationError(
                 "SQLiteBackend needs a file so workers can share it; "
