@@ -229,7 +229,8 @@ async def test_claim_and_next_due_pass_over_priorities_with_nothing_due(
     claimed = await backend.claim(claim_req(now=10, limit=5, queues=("default",)))
     assert [r.id for r in claimed] == ["due-mid", "due-low"]
     assert await backend.next_due("task", None) == at(2)
-    assert await backend.next_due("task", ("default",)) == at(100)
+    # The two claimed jobs' leases end at 20, before future-high falls due.
+    assert await backend.next_due("task", ("default",)) == at(20)
     assert await backend.claim(claim_req(now=10, limit=5, queues=("default",))) == []
 
 
@@ -697,7 +698,7 @@ async def test_queue_stats_of_an_empty_store_is_empty(backend: Backend) -> None:
     assert await backend.queue_stats(at(0)) == []
 
 
-async def test_next_due_is_the_earliest_pending_time(backend: Backend) -> None:
+async def test_next_due_is_the_earliest_pending_time_or_lease_end(backend: Backend) -> None:
     assert await backend.next_due("task", None) is None
     await backend.enqueue(
         [
@@ -708,12 +709,16 @@ async def test_next_due_is_the_earliest_pending_time(backend: Backend) -> None:
         ]
     )
     await backend.claim(claim_req("w1", now=0, limit=1))  # "running" is no longer pending
+    # ... but claimable again when its lease ends, at 10, should its worker die.
     due = await backend.next_due("task", None)
-    assert due == at(20)
+    assert due == at(10)
     assert_aware_utc(due)
-    assert await backend.next_due("task", ("default",)) == at(50)
+    assert await backend.next_due("task", ("q2",)) == at(20)
     assert await backend.next_due("task", ("nothing-here",)) is None
     assert await backend.next_due("message", None) == at(5)
+    finish = Finish("running", "w1", TaskStatus.SUCCESS, at(1))
+    assert (await backend.settle([finish], None)).accepted == [True]
+    assert await backend.next_due("task", ("default",)) == at(50)
 
 
 async def test_purge_removes_only_old_finished_jobs_in_the_given_statuses(

@@ -32,7 +32,7 @@ from sitq import (
     ValidationError,
     Worker,
 )
-from sitq.backends.base import Backend
+from sitq.backends.base import Backend, ClaimRequest
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -1040,6 +1040,24 @@ async def test_worker_retention_prunes_as_time_passes(
         await wait_until(old_is_gone)
     assert await queue.get_task(recent) is not None
     assert await queue.get_task(never) is not None
+
+
+async def test_an_idle_worker_takes_a_dead_workers_task_when_its_lease_runs_out(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+) -> None:
+    task_id = await queue.enqueue(record, "rescued")
+    # A worker that died holding the task: its claim, and nothing after.
+    lease = timedelta(seconds=60)
+    [held] = await backend.claim(ClaimRequest("dead-worker", "task", 1, lease, clock.now()))
+    assert held.id == task_id
+    # A poll interval far past the lease: only the lease's end can wake the worker.
+    worker = fake_worker(backend, clock, poll_interval=3600)
+    async with serving(worker):
+        await wait_until(lambda: worker._last_claim is not None)  # it found nothing
+        clock.advance(timedelta(seconds=61))
+        result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and (result.status, result.attempts) == ("success", 2)
+    assert state.log == ["rescued"]
 
 
 async def test_a_worker_that_takes_back_its_own_running_task_does_not_run_it_twice(

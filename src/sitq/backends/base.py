@@ -269,7 +269,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
-        """The earliest ``available_at`` among pending jobs, or ``None`` if there are none."""
+        """When a claim may next find a job: the earliest ``available_at`` among pending
+        jobs or ``lease_expires_at`` among running ones (a dead worker's job is claimable
+        when its lease runs out), or ``None`` if there are neither."""
 
     @abc.abstractmethod
     async def purge(

@@ -294,13 +294,13 @@ class MemoryBackend(Backend):
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
         with self._lock:
             due = [
-                row.due_at()
+                row.due_at() if row.status is TaskStatus.PENDING else row.lease_expires_at
                 for row in self._rows.values()
-                if row.status is TaskStatus.PENDING
+                if row.status in (TaskStatus.PENDING, TaskStatus.RUNNING)
                 and row.job.kind == kind
                 and (queues is None or row.job.queue in queues)
             ]
-        return min(due, default=None)
+        return min((moment for moment in due if moment is not None), default=None)
 
     async def purge(
         self,

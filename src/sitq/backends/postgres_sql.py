@@ -370,16 +370,21 @@ RETURNING j.id
 # available_at, seq): a loose index scan visits each priority level present (a
 # recursive probe for the next lower one), takes that level's first due time (an
 # index probe), and keeps the smallest. Cheap however many jobs are pending, as long
-# as the distinct priorities are few.
+# as the distinct priorities are few. Or, if sooner, the first lease to run out
+# (sitq_jobs_lease): a dead worker's job is claimable then.
 _NEXT_DUE = (
     "WITH RECURSIVE "
     + _PRIORITY_LEVELS
     + """
-SELECT min((SELECT j.available_at FROM {schema}.sitq_jobs AS j
-            WHERE j.status = 'pending' AND j.kind = %(kind)s
-                  AND j.priority = levels.priority{queue_filter}
-            ORDER BY j.available_at LIMIT 1))
-FROM levels WHERE levels.priority IS NOT NULL
+SELECT least(
+    (SELECT min((SELECT j.available_at FROM {schema}.sitq_jobs AS j
+                 WHERE j.status = 'pending' AND j.kind = %(kind)s
+                       AND j.priority = levels.priority{queue_filter}
+                 ORDER BY j.available_at LIMIT 1))
+     FROM levels WHERE levels.priority IS NOT NULL),
+    (SELECT j.lease_expires_at FROM {schema}.sitq_jobs AS j
+     WHERE j.status = 'running' AND j.kind = %(kind)s{queue_filter}
+     ORDER BY j.lease_expires_at LIMIT 1))
 """
 )
 

@@ -695,6 +695,17 @@ class SQLiteBackend(Backend):
                 if due is not None and (found is None or due < found):
                     found = due
                 level = _next_level(conn, kind, level)
+            (lease_end,) = conn.execute(
+                "SELECT min(lease_expires_at) FROM sitq_jobs"
+                f" WHERE status = 'running' AND kind = ?{queue_filter}",
+                [kind, *(queues or ())],
+            ).fetchone()
+            if lease_end is not None:
+                # Claims take back run-out leases at most every RESCUE_EVERY_MICROS:
+                # waking before the next such claim would find nothing, and spin.
+                lease_end = max(lease_end, self._next_rescue)
+                if found is None or lease_end < found:
+                    found = lease_end
             return found
 
         return _maybe_time(await self._read(earliest))
