@@ -439,8 +439,8 @@ class Worker:
         Whatever the task raised, SystemExit and KeyboardInterrupt included, is its
         outcome and not the worker's: a task that stopped its worker would stay
         'running' until its lease ran out and then stop the next worker too. (A
-        signal never reaches a task's thread, and asyncio turns Ctrl-C into a
-        cancellation of the worker.)
+        signal never reaches a task's thread, and ``run()`` handles SIGINT and
+        SIGTERM as a stop, so a real Ctrl-C is not taken for a task's.)
         """
         with self._recording(running):
             if isinstance(exc, Retry):
