@@ -10,6 +10,7 @@ import pytest
 from sitq import Retry, RetryPolicy, ValidationError
 from sitq.scheduling import (
     MAX_DURATION,
+    MAX_RETRIES,
     due_time,
     interval_from,
     next_interval_run,
@@ -238,6 +239,21 @@ def test_retry_delay_for_attempt_zero_or_below_is_the_base() -> None:
 def test_factor_one_is_a_constant_delay() -> None:
     policy = RetryPolicy(max_retries=5, backoff=2.0, factor=1.0, jitter=False)
     assert {policy.delay_for(n) for n in range(1, 6)} == {2.0}
+
+
+def test_retry_delay_takes_no_steps_per_attempt() -> None:
+    # It used to multiply once per attempt until the cap, which a factor of 1 (or
+    # a zero backoff) never reaches: two billion steps for the largest attempt count.
+    last = MAX_RETRIES + 1
+
+    def policy(**options: float) -> RetryPolicy:
+        return RetryPolicy(max_retries=MAX_RETRIES, jitter=False, **options)
+
+    assert policy(backoff=2.0, factor=1).delay_for(last) == 2.0
+    assert policy(backoff=0).delay_for(last) == 0
+    nearly_one = 1 + 1e-12
+    assert policy(factor=nearly_one, max_backoff=5).delay_for(last) == nearly_one ** (last - 1)
+    assert policy(factor=10**300, max_backoff=7).delay_for(3) == 7
 
 
 def test_retry_jitter_stays_in_the_upper_half_of_the_delay() -> None:

@@ -147,14 +147,13 @@ class RetryPolicy:
     def delay_for(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         exponent = max(0, attempt - 1)
-        # Cap before multiplying so a large attempt count cannot overflow a float.
-        ceiling = self.max_backoff
-        delay = self.backoff
-        for _ in range(exponent):
-            delay *= self.factor
-            if delay >= ceiling:
-                break
-        delay = min(delay, ceiling)
+        # float ** int is one pow() call whatever the exponent (an int factor would
+        # build a big int); it raises OverflowError where the growth passes any cap.
+        try:
+            growth = float(self.factor) ** exponent
+        except OverflowError:
+            growth = math.inf
+        delay = min(self.backoff * growth, self.max_backoff) if self.backoff else 0.0
         if self.jitter and delay > 0:
             return (rng or random).uniform(delay / 2, delay)
         return delay
