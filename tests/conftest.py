@@ -17,9 +17,7 @@ import pytest
 from sitq import MemoryBackend, SQLiteBackend
 from sitq.backends.base import Backend
 
-POSTGRES_DSN = os.environ.get(
-    "SITQ_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_DSN = os.environ.get("SITQ_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
 

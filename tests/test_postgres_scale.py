@@ -47,9 +47,7 @@ class Workers:
         for number in range(count):
             dsn = POSTGRES_DSN if number % 2 == 0 else other_host
             args = [str(WORKER_SCRIPT), dsn, self.schema, str(CONCURRENCY)]
-            self.procs.append(
-                subprocess.Popen([sys.executable, *args, str(self.lease)], env=env)
-            )
+            self.procs.append(subprocess.Popen([sys.executable, *args, str(self.lease)], env=env))
 
     def check_alive(self, *, except_: subprocess.Popen[bytes] | None = None) -> None:
         for proc in self.procs:
@@ -123,9 +121,7 @@ async def test_a_killed_worker_process_loses_nothing(
 ) -> None:
     log = str(tmp_path / "log")
     total = 3_000
-    await _enqueue(
-        pg_schema, [(pg_tasks.record_slowly, (log, n, 0.004)) for n in range(total)]
-    )
+    await _enqueue(pg_schema, [(pg_tasks.record_slowly, (log, n, 0.004)) for n in range(total)])
     workers.start(4)
     victim = workers.procs[0]
 
@@ -160,9 +156,7 @@ async def test_a_killed_worker_process_loses_nothing(
 
 async def _count_retaken(schema: str) -> int:
     async with await psycopg.AsyncConnection.connect(POSTGRES_DSN) as conn:
-        cursor = await conn.execute(
-            f'SELECT count(*) FROM "{schema}".sitq_jobs WHERE attempts > 1'
-        )
+        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}".sitq_jobs WHERE attempts > 1')
         row = await cursor.fetchone()
     assert row is not None
     return int(row[0])
