@@ -8,11 +8,25 @@ short lines, so the test counts runs without trusting the database under test.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from pg_tasks import read_counts, record, record_slowly
 
-__all__ = ["read_counts", "read_pids", "record", "record_slowly", "start_then_wait"]
+__all__ = [
+    "kill_own_worker",
+    "read_counts",
+    "read_pids",
+    "record",
+    "record_slowly",
+    "start_then_wait",
+]
+
+
+def kill_own_worker(started_log: str, task_no: int) -> None:
+    """Record the start, then SIGKILL the worker process running it (a poison task)."""
+    record(started_log, task_no)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def start_then_wait(started_log: str, done_log: str, task_no: int, marker: str) -> int:

@@ -19,6 +19,7 @@ import pytest
 import proc_tasks
 from helpers import wait_until
 from sitq import SQLiteBackend, Task, TaskQueue, TaskStatus
+from sitq.worker import MAX_LOST_RUNS
 
 WORKER_SCRIPT = Path(__file__).with_name("proc_worker.py")
 
@@ -211,3 +212,25 @@ async def test_a_task_longer_than_the_visibility_timeout_runs_once(
         result = await queue.get_result(task_id, timeout=0)
         assert result is not None and result.status == "success"
         assert result.attempts == 1, "the lease ran out and the task was claimed again"
+
+
+async def test_a_task_that_kills_its_worker_every_time_fails_after_the_lost_runs_allowed(
+    queue: TaskQueue, workers: Workers, tmp_path: Path
+) -> None:
+    started, done = str(tmp_path / "started.log"), str(tmp_path / "done.log")
+    poison = await queue.enqueue(proc_tasks.kill_own_worker, started, 0)
+    fine = await queue.enqueue_many([(proc_tasks.record, (done, n)) for n in range(5)])
+    for _ in range(MAX_LOST_RUNS):
+        # Each worker takes the poison task once the last one's lease runs out, and dies.
+        (worker,) = await workers.start(1, concurrency=1, lease=0.5)
+        assert await asyncio.wait_for(worker.wait(), 30) == -signal.SIGKILL
+    (survivor,) = await workers.start(1, concurrency=1, lease=0.5)
+    result = await queue.get_result(poison, timeout=30)
+    assert result is not None and result.status == "failed"
+    assert result.error is not None and result.error.startswith("WorkerLost:")
+    for task_id in fine:
+        outcome = await queue.get_result(task_id, timeout=30)
+        assert outcome is not None and outcome.status == "success"
+    assert survivor.returncode is None  # it failed the task instead of running it
+    assert proc_tasks.read_counts(started) == {0: MAX_LOST_RUNS}
+    assert proc_tasks.read_counts(done) == dict.fromkeys(range(5), 1)

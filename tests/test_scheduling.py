@@ -33,6 +33,7 @@ from sitq import (
     Worker,
 )
 from sitq.backends.base import Backend, ClaimRequest
+from sitq.worker import MAX_LOST_RUNS
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -1058,6 +1059,66 @@ async def test_an_idle_worker_takes_a_dead_workers_task_when_its_lease_runs_out(
         result = await queue.get_result(task_id, timeout=10)
     assert result is not None and (result.status, result.attempts) == ("success", 2)
     assert state.log == ["rescued"]
+
+
+async def lose_runs(backend: Backend, clock: FakeClock, task_id: str, runs: int) -> None:
+    """Workers that claim the task and die holding it, one after another."""
+    lease = timedelta(seconds=60)
+    for n in range(runs):
+        [held] = await backend.claim(ClaimRequest(f"dead-{n}", "task", 1, lease, clock.now()))
+        assert held.id == task_id
+        clock.advance(lease + timedelta(seconds=1))
+
+
+@pytest.mark.parametrize(
+    ("max_retries", "lost", "runs"),
+    [
+        (0, MAX_LOST_RUNS - 1, True),
+        (0, MAX_LOST_RUNS, False),
+        (2, 2 + MAX_LOST_RUNS - 1, True),  # lost runs use up the retries first
+        (2, 2 + MAX_LOST_RUNS, False),
+    ],
+)
+async def test_a_task_whose_runs_are_lost_too_often_fails_instead_of_running(
+    backend: Backend,
+    queue: TaskQueue,
+    clock: FakeClock,
+    state: _State,
+    max_retries: int,
+    lost: int,
+    runs: bool,
+) -> None:
+    # A task that takes its worker down (a segfault, the OOM killer) must not take
+    # down every worker in turn for ever: lost runs beyond the retries are capped.
+    task_id = await queue.enqueue(record, "poison?", max_retries=max_retries)
+    await lose_runs(backend, clock, task_id, lost)
+    worker = fake_worker(backend, clock)
+    async with serving(worker):
+        result = await queue.get_result(task_id, timeout=10)
+    assert result is not None
+    if runs:
+        assert (result.status, result.attempts, state.log) == ("success", lost + 1, ["poison?"])
+        return
+    assert result.status == "failed" and state.log == []
+    assert result.error is not None
+    assert result.error.startswith(f"WorkerLost: {lost} runs ended with no outcome")
+
+
+async def test_a_series_goes_on_after_a_run_failed_for_lost_runs(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+) -> None:
+    first = await queue.enqueue(record, "tick", interval=timedelta(hours=1))
+    await lose_runs(backend, clock, first, MAX_LOST_RUNS)
+    worker = fake_worker(backend, clock)
+    async with serving(worker):
+        result = await queue.get_result(first, timeout=10)
+        assert result is not None and result.status == "failed"
+        runs = await series_of(queue, first)
+        assert [task.status for task in runs] == [TaskStatus.FAILED, TaskStatus.PENDING]
+        advance_to(clock, runs[1].available_at)
+        second = await queue.get_result(runs[1].id, timeout=10)
+    assert second is not None and second.status == "success"
+    assert state.log == ["tick"]
 
 
 async def test_a_worker_that_takes_back_its_own_running_task_does_not_run_it_twice(

@@ -47,6 +47,12 @@ logger = logging.getLogger("sitq.worker")
 #: ``PURGE_BATCH`` per idle turn (a full batch prunes again at the next turn).
 PRUNE_EVERY = timedelta(minutes=1)
 
+#: How many runs of a task may be lost with their worker (killed, or stalled past its
+#: lease) beyond its retries before it fails instead of starting again. A lost run
+#: counts as an attempt, so a task that takes its worker down every time (a segfault,
+#: the OOM killer) would otherwise take down every worker in turn, for ever.
+MAX_LOST_RUNS = 3
+
 
 @dataclass(eq=False)
 class _Running:
@@ -353,6 +359,9 @@ class Worker:
             return
         running = _Running(reserved)
         self._running[reserved.id] = running
+        if reserved.attempts >= reserved.max_attempts + MAX_LOST_RUNS:
+            self._give_up_on_lost_runs(running)
+            return
         try:
             call = TaskCall.loads(reserved.payload, self.serializer)
         except (SerializationError, KeyError, TypeError, ValueError) as exc:
@@ -377,6 +386,28 @@ class Worker:
             return
         running.future = future
         future.add_done_callback(functools.partial(self._thread_done, running, call))
+
+    def _give_up_on_lost_runs(self, running: _Running) -> None:
+        """Fail a task instead of starting it again after too many lost runs.
+
+        Its attempts count this claim, so ``attempts - 1`` runs came before. A task
+        runs past its retries only when a run was lost, so at least ``MAX_LOST_RUNS``
+        of those were.
+        """
+        runs = running.reserved.attempts - 1
+        logger.error(
+            "task id=%s: ran %d times without an outcome, its worker lost each time "
+            "past its retries; failing it instead of starting it again",
+            running.reserved.id,
+            runs,
+        )
+        error = (
+            f"WorkerLost: {runs} runs ended with no outcome, at least {MAX_LOST_RUNS} "
+            "of them because the worker running it was lost (killed, or stalled past "
+            "its lease); not started again"
+        )
+        self._finish(running, TaskStatus.FAILED, error=error)
+        self._release(running)
 
     def _run_in_thread(self, call: TaskCall) -> asyncio.Future[Any]:
         assert self._threads is not None
