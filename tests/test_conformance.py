@@ -286,6 +286,34 @@ async def test_expired_lease_is_claimable_again_with_attempts_counted(backend: B
     assert (task.status, task.attempts) == (TaskStatus.RUNNING, 2)
 
 
+async def test_the_first_claim_after_a_lease_runs_out_takes_the_job(backend: Backend) -> None:
+    await backend.enqueue([job("a")])
+    short = timedelta(milliseconds=100)
+    await backend.claim(ClaimRequest("dead-worker", "task", 1, short, at(0)))
+    assert await backend.claim(claim_req("rescuer", now=0.05)) == []
+    (again,) = await backend.claim(claim_req("rescuer", now=0.1))
+    assert (again.id, again.attempts) == ("a", 2)
+
+
+async def test_a_run_out_lease_stays_with_its_holder_until_a_claim_takes_the_job(
+    backend: Backend,
+) -> None:
+    await backend.enqueue([job("a", queue="emails"), job("b", queue="sms")])
+    await backend.claim(claim_req("slow", queues=("emails",)))
+    await backend.enqueue([job("urgent", queue="emails", priority=5, due=11)])
+    # Claims after the lease ran out, none of which takes "a": another queue's, and
+    # one whose only slot goes to a job of higher priority.
+    (sms,) = await backend.claim(claim_req("other", now=11, queues=("sms",)))
+    (taken,) = await backend.claim(claim_req("other", now=11, limit=1, queues=("emails",)))
+    assert (sms.id, taken.id) == ("b", "urgent")
+    task = await get(backend, "a")
+    assert (task.status, task.attempts) == (TaskStatus.RUNNING, 1)
+    # So the late holder still has it: it can renew the lease and record the outcome.
+    assert (await backend.extend_leases("slow", ["a"], LEASE, at(12))).lost == frozenset()
+    assert await backend.finish(Finish("a", "slow", TaskStatus.SUCCESS, at(13), result=b"ok"))
+    assert (await get(backend, "a")).status is TaskStatus.SUCCESS
+
+
 async def test_late_writes_from_a_taken_over_owner_are_rejected(backend: Backend) -> None:
     await backend.enqueue([job("a", max_attempts=3)])
     await backend.claim(claim_req("slow", now=0))

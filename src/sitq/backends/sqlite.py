@@ -55,8 +55,6 @@ LOCK_PATIENCE_SECONDS = 30.0
 FINISH_BATCH = 500
 #: How often an open backend checks whether another process wrote to the file.
 WATCH_EVERY_SECONDS = 0.005
-#: How often (in the clock's microseconds) a claim also looks for expired leases.
-RESCUE_EVERY_MICROS = 500_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)  # made once: building it costs more than the division
@@ -98,6 +96,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # The slot a recurring run was due at, kept when a retry moves available_at.
     "ALTER TABLE sitq_jobs ADD COLUMN scheduled_at INTEGER",
+    # Every claim looks for run-out leases of its own kind: a range of this index.
+    """
+    DROP INDEX sitq_jobs_lease;
+    CREATE INDEX sitq_jobs_lease ON sitq_jobs (kind, lease_expires_at)
+        WHERE status = 'running';
+    """,
 )
 
 _TASK_COLUMNS = (
@@ -205,7 +209,6 @@ class SQLiteBackend(Backend):
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()
         self._schema_ready = False
-        self._next_rescue = 0
 
     # -- connections and transactions ---------------------------------------------
 
@@ -396,16 +399,24 @@ class SQLiteBackend(Backend):
         queue_filter = ""
         if request.queues is not None:
             queue_filter = f" AND queue IN ({', '.join('?' * len(request.queues))})"
-        # (A clock that jumped backwards, as a test's fake clock may, also triggers it.)
-        if not self._next_rescue - RESCUE_EVERY_MICROS <= now < self._next_rescue:
-            # Leases that ran out belong to dead or stuck workers: make them claimable.
-            # Checked at most twice a second: a lease is already tens of
-            # seconds late when it expires, so checking on every claim buys nothing.
-            self._next_rescue = now + RESCUE_EVERY_MICROS
-            conn.execute(
-                "UPDATE sitq_jobs SET status = 'pending', owner = NULL"
-                " WHERE status = 'running' AND lease_expires_at <= ? AND kind = ?",
-                (now, request.kind),
+        # Jobs whose lease ran out (a dead or stuck worker's) compete with due jobs
+        # for the slots. The best ``limit`` of them turn 'pending' for the search
+        # below, owner kept, and those it does not take go back to 'running': the
+        # write lock hides the switch, and a holder whose lease ran out keeps the
+        # job (it can still extend or settle it) until a claim takes it.
+        expired = [
+            rowid
+            for (rowid,) in conn.execute(
+                "SELECT rowid FROM sitq_jobs WHERE status = 'running' AND kind = ?"
+                f" AND lease_expires_at <= ?{queue_filter}"
+                " ORDER BY priority DESC, available_at LIMIT ?",
+                [request.kind, now, *(request.queues or ()), request.limit],
+            )
+        ]
+        if expired:
+            conn.executemany(
+                "UPDATE sitq_jobs SET status = 'pending' WHERE rowid = ?",
+                [(rowid,) for rowid in expired],
             )
         # Due jobs, level by level: sitq_jobs_due orders pending jobs by (kind, priority
         # DESC, available_at), so within one priority "due now, earliest first" is a
@@ -449,6 +460,11 @@ class SQLiteBackend(Backend):
             rows += [row for row in found if row[0] not in overdelivered]
             if not overdelivered and len(rows) < request.limit:
                 level = _next_level(conn, request.kind, level)
+        if expired:
+            conn.executemany(
+                "UPDATE sitq_jobs SET status = 'running' WHERE rowid = ? AND status = 'pending'",
+                [(rowid,) for rowid in expired],
+            )
         lease_end = from_micros(lease_expires_at)
         claimed = [self._reserved(row, lease_end) for row in rows]
         claimed.sort(key=lambda job: (-job.priority, job.available_at))
@@ -700,12 +716,8 @@ class SQLiteBackend(Backend):
                 f" WHERE status = 'running' AND kind = ?{queue_filter}",
                 [kind, *(queues or ())],
             ).fetchone()
-            if lease_end is not None:
-                # Claims take back run-out leases at most every RESCUE_EVERY_MICROS:
-                # waking before the next such claim would find nothing, and spin.
-                lease_end = max(lease_end, self._next_rescue)
-                if found is None or lease_end < found:
-                    found = lease_end
+            if lease_end is not None and (found is None or lease_end < found):
+                found = lease_end
             return found
 
         return _maybe_time(await self._read(earliest))
