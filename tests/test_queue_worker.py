@@ -9,6 +9,7 @@ what the code needs, not benchmarks.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -590,6 +591,68 @@ def test_sync_task_queue_that_cannot_open_its_backend_leaves_no_thread(tmp_path:
         SyncTaskQueue(SQLiteBackend(tmp_path / "missing" / "sitq.db"))
     leaked = [t.name for t in threading.enumerate() if t.ident not in threads_before]
     assert leaked == []
+
+
+def _until(condition: Callable[[], object], timeout: float = 10) -> None:
+    """Block until ``condition()`` holds (the sync client's tests run without a loop)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_closing_a_sync_task_queue_ends_calls_waiting_in_other_threads(
+    backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    client = SyncTaskQueue(make_backend(backend_kind))
+    task_id = client.enqueue(add, 1, 2, delay=3600)
+    outcome: list[BaseException] = []
+
+    def wait_for_ever() -> None:
+        try:
+            client.get_result(task_id)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_for_ever)
+    waiter.start()
+    _until(lambda: client._in_flight)
+    client.close()
+    waiter.join(10)
+    assert not waiter.is_alive(), "a waiting get_result outlived close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], SyncClientError)
+    assert "closed while the call waited" in str(outcome[0])
+
+
+async def test_a_refused_close_inside_a_loop_leaves_the_sync_client_open(
+    backend: Backend,
+) -> None:
+    client = await asyncio.to_thread(SyncTaskQueue, backend)
+    with pytest.raises(SyncClientError):
+        client.close()
+    # Refused, it changed nothing: the client still works from a thread, then closes.
+    task_id = await asyncio.to_thread(client.enqueue, add, 1, 2)
+    assert await TaskQueue(backend).get_task(task_id) is not None
+    await asyncio.to_thread(client.close)
+    with pytest.raises(SyncClientError, match="closed"):
+        await asyncio.to_thread(client.enqueue, add, 1, 2)
+
+
+def test_ctrl_c_during_a_sync_call_stops_the_call_on_the_loop(backend: Backend) -> None:
+    with SyncTaskQueue(backend) as client:
+        task_id = client.enqueue(add, 1, 2, delay=3600)
+        here = threading.get_ident()
+        threading.Timer(0.2, signal.pthread_kill, (here, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            client.get_result(task_id)
+
+        def still_waiting() -> bool:
+            tasks = asyncio.all_tasks(client._loop)
+            return any(task.get_coro().__name__ == "get_result" for task in tasks)
+
+        # The waiting coroutine was cancelled with the call, not left on the loop.
+        _until(lambda: not still_waiting())
+        assert client.get_task(task_id) is not None
 
 
 # -- waking up on time -----------------------------------------------------------------------

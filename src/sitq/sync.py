@@ -8,6 +8,7 @@ Nothing is implemented twice, and the backend's connections live on that one loo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -42,6 +43,9 @@ class SyncTaskQueue:
         )
         self._thread.start()
         self._closed = False
+        # Calls waiting for the loop, from any thread: close() ends them.
+        self._in_flight: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
         try:
             self._call(self._queue.backend.open)
         except BaseException:
@@ -49,11 +53,28 @@ class SyncTaskQueue:
             raise
 
     def _call(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        if self._closed:
-            raise SyncClientError("this SyncTaskQueue is closed")
         _refuse_inside_a_running_loop()
-        future = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self._loop)
-        return future.result()
+        with self._lock:
+            if self._closed:
+                raise SyncClientError("this SyncTaskQueue is closed")
+            future = asyncio.run_coroutine_threadsafe(func(*args, **kwargs), self._loop)
+            self._in_flight.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise SyncClientError(
+                    "this SyncTaskQueue was closed while the call waited"
+                ) from None
+            raise
+        except BaseException:
+            # Ctrl-C (or any exception raised into this thread) while waiting: stop the
+            # call on the loop too, rather than leave it running there unwatched.
+            future.cancel()
+            raise
+        finally:
+            with self._lock:
+                self._in_flight.discard(future)
 
     def __enter__(self) -> SyncTaskQueue:
         return self
@@ -67,16 +88,28 @@ class SyncTaskQueue:
         self.close()
 
     def close(self) -> None:
-        """Close the backend's connections and stop the private loop. Idempotent."""
-        if self._closed:
-            return
+        """Close the backend's connections and stop the private loop. Idempotent.
+
+        Calls still waiting in other threads (a ``get_result`` without a timeout)
+        end with :class:`SyncClientError` instead of waiting for ever.
+        """
+        # Before anything changes: refused here, the client stays open and usable.
+        _refuse_inside_a_running_loop()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = list(self._in_flight)
+        for future in waiting:
+            future.cancel()
         try:
-            self._call(self._queue.close)
+            asyncio.run_coroutine_threadsafe(self._queue.close(), self._loop).result()
         finally:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
         self._closed = True
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -135,6 +168,15 @@ class SyncTaskQueue:
         statuses: Iterable[TaskStatus | str] = PURGEABLE,
     ) -> int:
         return self._call(self._queue.purge, older_than, list(statuses))
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel and wait for every other task on this (private) loop, so none is
+    destroyed pending when the loop closes."""
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def _refuse_inside_a_running_loop() -> None:
