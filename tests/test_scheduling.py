@@ -1104,6 +1104,26 @@ async def test_a_task_whose_runs_are_lost_too_often_fails_instead_of_running(
     assert result.error.startswith(f"WorkerLost: {lost} runs ended with no outcome")
 
 
+@pytest.mark.parametrize("recurring", [False, True])
+async def test_a_task_cancelled_while_running_is_not_run_again_when_its_worker_is_lost(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State, recurring: bool
+) -> None:
+    every = timedelta(hours=1) if recurring else None
+    task_id = await queue.enqueue(record, "cancelled", interval=every)
+    [held] = await backend.claim(ClaimRequest("doomed", "task", 1, timedelta(seconds=60), T0))
+    assert held.id == task_id
+    assert await queue.cancel(task_id) is True  # running: asked to stop...
+    clock.advance(timedelta(seconds=61))  # ...and its worker died before it could
+    worker = fake_worker(backend, clock)
+    async with serving(worker):
+        result = await queue.get_result(task_id, timeout=10)
+        await wait_until(lambda: settled(queue))
+    assert result is not None and result.status == "cancelled"
+    assert state.log == []
+    # A cancelled run stops its series: no next run.
+    assert [task.id for task in await queue.list_tasks(limit=10)] == [task_id]
+
+
 async def test_a_series_goes_on_after_a_run_failed_for_lost_runs(
     backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
 ) -> None:

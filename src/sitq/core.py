@@ -89,6 +89,9 @@ class ReservedTask:
     #: When this run was scheduled: a retry moves ``available_at``, not this, so a
     #: recurring series computes its next slot from here.
     scheduled_at: datetime
+    #: A cancel was asked for while an earlier run held the job, and that run ended
+    #: with its worker (lost): the job is to be recorded cancelled, not run again.
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -359,6 +359,13 @@ class Worker:
             return
         running = _Running(reserved)
         self._running[reserved.id] = running
+        if reserved.cancel_requested:
+            # Cancelled while a run held it, and that run's worker was lost: no run
+            # is wanted any more (nor, for a series, a next one).
+            error = "cancelled while running; its worker was lost, and it is not run again"
+            self._finish(running, TaskStatus.CANCELLED, error=error)
+            self._release(running)
+            return
         if reserved.attempts >= reserved.max_attempts + MAX_LOST_RUNS:
             self._give_up_on_lost_runs(running)
             return

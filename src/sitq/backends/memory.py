@@ -126,7 +126,6 @@ class MemoryBackend(Backend):
                 row.attempts += 1
                 row.lease_expires_at = request.now + request.lease
                 row.started_at = request.now
-                row.cancel_requested = False
                 claimed.append(self._reserved(row))
         return claimed
 
@@ -148,6 +147,7 @@ class MemoryBackend(Backend):
             interval=job.interval,
             series_id=job.series_id,
             scheduled_at=job.available_at,  # a retry moves row.available_at, not the slot
+            cancel_requested=row.cancel_requested,
         )
 
     def _held(self, job_id: str, owner: str) -> _Row | None:

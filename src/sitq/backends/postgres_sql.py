@@ -92,7 +92,7 @@ TASK_COLUMNS = (
 RESERVED_COLUMNS = (
     "j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts,"
     " j.available_at, j.enqueued_at, j.lease_expires_at, j.interval_us, j.series_id, j.status,"
-    " j.seq, coalesce(j.scheduled_at, j.available_at)"
+    " j.seq, coalesce(j.scheduled_at, j.available_at), j.cancel_requested"
 )
 
 _INSERT_COLUMNS = (
@@ -220,8 +220,7 @@ UPDATE {schema}.sitq_jobs AS j SET
     attempts = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
                     THEN j.attempts ELSE j.attempts + 1 END,
     started_at = CASE WHEN j.max_deliveries IS NOT NULL AND j.attempts >= j.max_deliveries
-                      THEN j.started_at ELSE %(now)s END,
-    cancel_requested = false
+                      THEN j.started_at ELSE %(now)s END
 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING {reserved}
 """
@@ -537,4 +536,5 @@ def reserved_from_row(row: Sequence[Any]) -> ReservedTask:
         interval=interval_from(row[10]),
         series_id=row[11],
         scheduled_at=utc_required(row[14]),
+        cancel_requested=row[15],
     )

@@ -111,7 +111,7 @@ _TASK_COLUMNS = (
 _RESERVED_COLUMNS = (
     "id, queue, kind, payload, priority, attempts, max_attempts, available_at, enqueued_at,"
     " lease_expires_at, interval_us, series_id, max_deliveries,"
-    " coalesce(scheduled_at, available_at)"
+    " coalesce(scheduled_at, available_at), cancel_requested"
 )
 
 # One registry per process so every backend object on the same file shares wake-ups.
@@ -377,6 +377,7 @@ class SQLiteBackend(Backend):
             interval=None if interval_us is None else timedelta(microseconds=interval_us),
             series_id=row[11],
             scheduled_at=available_at if row[13] == row[7] else from_micros(row[13]),
+            cancel_requested=bool(row[14]),
         )
 
     @staticmethod
@@ -433,7 +434,7 @@ class SQLiteBackend(Backend):
         while level is not None and len(rows) < request.limit:
             found = conn.execute(
                 "UPDATE sitq_jobs SET status = 'running', owner = ?, attempts = attempts + 1,"
-                " lease_expires_at = ?, started_at = ?, cancel_requested = 0"
+                " lease_expires_at = ?, started_at = ?"
                 " WHERE rowid IN (SELECT rowid FROM sitq_jobs WHERE status = 'pending'"
                 f" AND kind = ? AND priority = ? AND available_at <= ?{queue_filter}"
                 f" ORDER BY available_at LIMIT ?) RETURNING {_RESERVED_COLUMNS}",
