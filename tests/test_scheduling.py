@@ -31,6 +31,7 @@ from sitq import (
     TaskTimeoutError,
     ValidationError,
     Worker,
+    WorkerError,
 )
 from sitq.backends.base import Backend, ClaimRequest
 from sitq.worker import MAX_LOST_RUNS
@@ -1041,6 +1042,53 @@ async def test_worker_retention_prunes_as_time_passes(
         await wait_until(old_is_gone)
     assert await queue.get_task(recent) is not None
     assert await queue.get_task(never) is not None
+
+
+async def test_a_burst_prunes_before_it_ends(
+    backend: Backend, queue: TaskQueue, clock: FakeClock
+) -> None:
+    old = await queue.enqueue(record, "old")
+    assert await fake_worker(backend, clock).serve(burst=True) == 1
+    clock.advance(timedelta(hours=2))
+    # A cron-style burst that finds nothing to run still prunes.
+    assert await fake_worker(backend, clock, retention=timedelta(hours=1)).serve(burst=True) == 0
+    assert await queue.get_task(old) is None
+
+
+async def test_a_busy_worker_prunes_without_waiting_for_an_idle_turn(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = await queue.enqueue(record, "old")
+    assert await fake_worker(backend, clock).serve(burst=True) == 1
+    clock.advance(timedelta(hours=2))
+    await queue.enqueue_many([(record, (f"busy-{n}",)) for n in range(20)])
+    pending_at_prunes: list[int] = []
+    purge = backend.purge
+
+    async def watched_purge(*args: Any) -> int:
+        pending_at_prunes.append((await queue.counts())["pending"])
+        return await purge(*args)
+
+    monkeypatch.setattr(backend, "purge", watched_purge)
+    worker = fake_worker(backend, clock, retention=timedelta(hours=1))
+    assert await worker.serve(burst=True) == 20
+    assert await queue.get_task(old) is None
+    # The first prune came while work was still waiting, not after the backlog.
+    assert pending_at_prunes[0] > 0
+
+
+async def test_serve_refuses_a_worker_that_is_already_running(
+    backend: Backend, queue: TaskQueue, clock: FakeClock
+) -> None:
+    worker = fake_worker(backend, clock)
+    async with serving(worker):
+        with pytest.raises(WorkerError, match="already running"):
+            await worker.serve(burst=True)
+        # The refusal left the running worker whole: it still works, and stops.
+        task_id = await queue.enqueue(record, "after")
+        result = await queue.get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+    assert worker._main is None
 
 
 async def test_an_idle_worker_takes_a_dead_workers_task_when_its_lease_runs_out(

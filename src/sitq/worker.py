@@ -167,6 +167,8 @@ class Worker:
     async def serve(self, burst: bool = False) -> int:
         """Work in the current task until :meth:`stop` (or, with ``burst``, until no
         due task is left). Returns how many tasks this call processed."""
+        if self._main is not None and not self._main.done():
+            raise WorkerError("worker is already running")
         # Register this task so stop() (called from another task) can wait for it.
         self._main = asyncio.current_task()
         try:
@@ -241,17 +243,19 @@ class Worker:
                     continue
                 for reserved in claimed:
                     self._launch(reserved)
-                if claimed or settled_any:
-                    continue
-                if burst and not self._running:
-                    break
                 # The prune and the idle deadline go by the time of this turn's claim,
                 # not a later reading: if the clock moved during the claim or the prune
                 # (a fake clock advanced while a round trip was in flight), the deadline
                 # has passed, and the worker claims and prunes again at the new time
                 # instead of sleeping through what the move made due.
                 now = claim.now if claim is not None else self.clock.now()
+                # On busy turns too (a worker that always has work must still prune),
+                # and before a burst ends.
                 await self._prune_if_due(now)
+                if claimed or settled_any:
+                    continue
+                if burst and not self._running:
+                    break
                 await self._idle(wake, now)
             while self._running or self._outcomes:
                 if self._outcomes:
