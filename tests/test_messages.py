@@ -30,6 +30,7 @@ from sitq import (
     ValidationError,
 )
 from sitq.backends.base import Backend, NewJob, TaskQuery
+from sitq.json_payload import MAX_PAYLOAD_DEPTH
 
 VT = 30  # the visibility timeout most tests use, in seconds
 
@@ -121,6 +122,71 @@ async def test_circular_payload_is_rejected(backend: Backend) -> None:
     assert await stored_messages(backend) == []
 
 
+def nested(depth: int) -> list[Any]:
+    payload: list[Any] = []
+    for _ in range(depth - 1):
+        payload = [payload]
+    return payload
+
+
+async def test_payload_depth_is_a_fixed_limit_whatever_the_callers_stack(
+    backend: Backend,
+) -> None:
+    producer, consumer = make(backend, FakeClock())
+
+    async def from_deep_in_the_stack(frames: int, payload: Any) -> str:
+        if frames:
+            return await from_deep_in_the_stack(frames - 1, payload)
+        return await producer.enqueue(payload)
+
+    deepest = nested(MAX_PAYLOAD_DEPTH)
+    message_id = await from_deep_in_the_stack(300, deepest)
+    with pytest.raises(SerializationError, match=f"more than {MAX_PAYLOAD_DEPTH} deep"):
+        await producer.enqueue(nested(MAX_PAYLOAD_DEPTH + 1))
+    assert await stored_messages(backend) == [message_id]
+    (message,) = await consumer.dequeue()
+    assert message.payload == deepest
+
+
+async def test_a_stored_payload_too_deep_to_read_goes_to_the_dead_letters(
+    backend: Backend,
+) -> None:
+    # Written by something other than sitq: deeper than Python's parser can recurse.
+    clock = FakeClock()
+    _, consumer = make(backend, clock)
+    now = clock.now()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    await backend.enqueue(
+        [
+            NewJob(name, "jobs", "message", body, enqueued_at=now, available_at=now)
+            for name, body in (("deep", deep), ("fine", b"{}"))
+        ]
+    )
+
+    # The rest of the batch is delivered; the unreadable one is dead, not stuck.
+    assert [m.id for m in await consumer.dequeue(batch_size=2)] == ["fine"]
+    (dead,) = await consumer.dead_letters()
+    assert dead.id == "deep" and dead.error == "stored JSON is nested too deeply to read"
+    assert dead.payload == deep
+
+
+async def test_a_consumer_of_another_queue_with_the_same_name_cannot_settle_its_messages(
+    backend: Backend,
+) -> None:
+    clock = FakeClock()
+    message_id = await Producer(backend, "emails", clock=clock).enqueue({"to": "ada"})
+    emails = Consumer(backend, "emails", VT, name="worker-1", clock=clock)
+    sms = Consumer(backend, "sms", VT, name="worker-1", clock=clock)
+    (held,) = await emails.dequeue()
+
+    assert await sms.archive(held.id) is False
+    with pytest.raises(TaskNotFoundError):
+        await sms.extend_visibility(held.id, 60)
+    assert await sms.release(held.id) is False
+    assert await status_of(backend, message_id) is TaskStatus.RUNNING
+    assert await emails.archive(held.id) is True
+
+
 async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: Backend) -> None:
     producer, consumer = make(backend, FakeClock())
 
@@ -142,7 +208,7 @@ async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: 
         Producer(backend, "jobs", max_deliveries=0)
     with pytest.raises(ValidationError):
         Producer("not a backend", "jobs")  # type: ignore[arg-type]
-    for not_a_list in ({"a": 1}, "abc", b"abc"):
+    for not_a_list in ({"a": 1}, "abc", b"abc", bytearray(b"ab"), memoryview(b"ab")):
         with pytest.raises(ValidationError):
             await producer.enqueue_many(not_a_list)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):

@@ -10,6 +10,11 @@ from sitq.serialization import JsonSerializer
 
 JSON = JsonSerializer()
 
+#: How deep lists and dicts may nest in a payload. Fixed, so what is accepted does not
+#: depend on how deep the caller's stack is, and low enough that any consumer can read
+#: it back: Python's parser recurses once per level, against the recursion limit.
+MAX_PAYLOAD_DEPTH = 200
+
 
 def encode_payload(payload: Any) -> bytes:
     """The payload as compact JSON bytes; raise ``SerializationError`` if it is not JSON.
@@ -19,11 +24,8 @@ def encode_payload(payload: Any) -> bytes:
     set, a datetime or a dict with int keys would come back different (or not at all)
     in the consumer, so they are rejected here rather than surprising it there.
     """
-    try:
-        _check_json(payload, "payload")
-        return JSON.dumps(payload)
-    except RecursionError:
-        raise SerializationError("payload is nested too deeply (or is circular)") from None
+    _check_json(payload, "payload", 0)
+    return JSON.dumps(payload)
 
 
 def payload_or_bytes(data: bytes | None) -> Any:
@@ -37,16 +39,20 @@ def payload_or_bytes(data: bytes | None) -> Any:
         return data
 
 
-def _check_json(value: Any, path: str) -> None:
+def _check_json(value: Any, path: str, depth: int) -> None:
     if value is None or isinstance(value, bool | int | str):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise SerializationError(f"{path} is {value!r}, which JSON cannot represent")
         return
+    if isinstance(value, list | dict) and depth == MAX_PAYLOAD_DEPTH:
+        raise SerializationError(
+            f"payload nests lists and dicts more than {MAX_PAYLOAD_DEPTH} deep (or is circular)"
+        )
     if isinstance(value, list):
         for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]")
+            _check_json(item, f"{path}[{index}]", depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -54,7 +60,7 @@ def _check_json(value: Any, path: str) -> None:
                 raise SerializationError(
                     f"{path} has a {type(key).__name__} key {key!r}; JSON keys are strings"
                 )
-            _check_json(item, f"{path}[{key!r}]")
+            _check_json(item, f"{path}[{key!r}]", depth + 1)
         return
     hint = " (use a list)" if isinstance(value, tuple) else ""
     raise SerializationError(

@@ -149,7 +149,7 @@ class Producer(_Client):
 
     async def enqueue_many(self, payloads: Iterable[Any]) -> list[str]:
         """Store many messages in one transaction (all or none); return their ids."""
-        if isinstance(payloads, str | bytes | Mapping):
+        if isinstance(payloads, str | bytes | bytearray | memoryview | Mapping):
             # Iterating these would silently store characters or keys as messages.
             raise ValidationError(
                 f"enqueue_many takes an iterable of payloads, got a {type(payloads).__name__}"
@@ -197,7 +197,8 @@ class Consumer(_Client):
         queue: the queue name.
         visibility_timeout: seconds a dequeued message stays hidden (at least 0.1).
         name: identifies this consumer as the holder of its messages; unique by
-            default. Two consumers with the same name can settle each other's messages.
+            default. Two consumers of one queue with the same name can settle each
+            other's messages.
         poll_interval: the longest :meth:`messages` and :meth:`process` sleep before
             looking for messages written by other processes; known due times and
             writes in this process wake them sooner.
@@ -226,6 +227,9 @@ class Consumer(_Client):
         self.visibility_timeout = lease
         self.poll_interval = poll
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The holder recorded on its messages: the name within this queue, so a consumer
+        # of another queue (or a worker) with the same name cannot settle them.
+        self._holder = f"{self.name}\x1f{_KIND}:{self.queue}"
         # Renew well before the timeout runs out, as the worker does.
         self.heartbeat_interval = max(timedelta(milliseconds=50), lease / 3)
         self._stopping = False
@@ -246,7 +250,7 @@ class Consumer(_Client):
 
     async def _claim(self, limit: int) -> list[Message]:
         request = ClaimRequest(
-            owner=self.name,
+            owner=self._holder,
             kind=_KIND,
             limit=limit,
             lease=self.visibility_timeout,
@@ -268,7 +272,7 @@ class Consumer(_Client):
             # so it goes straight to the dead letters with the reason.
             logger.error("message %s has an unreadable payload: %s", reserved.id, exc)
             await self.backend.finish(
-                Finish(reserved.id, self.name, TaskStatus.DEAD, self.clock.now(), error=str(exc))
+                Finish(reserved.id, self._holder, TaskStatus.DEAD, self.clock.now(), error=str(exc))
             )
             return None
         return Message(
@@ -301,7 +305,7 @@ class Consumer(_Client):
             return []
         await self._ready()
         now = self.clock.now()
-        finishes = [Finish(message_id, self.name, TaskStatus.SUCCESS, now) for message_id in ids]
+        finishes = [Finish(message_id, self._holder, TaskStatus.SUCCESS, now) for message_id in ids]
         settled = await self.backend.settle(finishes, None)
         for message_id, done in zip(ids, settled.accepted, strict=True):
             if not done:
@@ -341,7 +345,7 @@ class Consumer(_Client):
             raise ValidationError(f"seconds must be positive, got {seconds!r}")
         await self._ready()
         now = self.clock.now()
-        report = await self.backend.extend_leases(self.name, [message_id], lease, now)
+        report = await self.backend.extend_leases(self._holder, [message_id], lease, now)
         if message_id in report.lost:
             # A task, or another queue's message, is not found here: as for delete.
             found = await self._find(message_id)
@@ -367,13 +371,13 @@ class Consumer(_Client):
         wait = seconds_from(delay, "delay")
         await self._ready()
         return await self.backend.reschedule(
-            Reschedule(message_id, self.name, self.clock.now() + wait)
+            Reschedule(message_id, self._holder, self.clock.now() + wait)
         )
 
     # -- dead letters ---------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Messages of this queue in the ``dead`` state, newest first, with their
+        """Messages of this queue in the ``dead`` state, most recently enqueued first, with their
         payloads, read counts and why they died."""
         _positive_int(limit, "limit")
         await self._ready()
@@ -546,7 +550,7 @@ class Consumer(_Client):
                 continue
             try:
                 report = await self.backend.extend_leases(
-                    self.name, list(held), self.visibility_timeout, self.clock.now()
+                    self._holder, list(held), self.visibility_timeout, self.clock.now()
                 )
             except Exception:
                 logger.exception("could not extend message visibility; will try again")
@@ -564,7 +568,7 @@ class Consumer(_Client):
         for message_id in message_ids:
             try:
                 await self.backend.reschedule(
-                    Reschedule(message_id, self.name, now, undo_attempt=undo_read)
+                    Reschedule(message_id, self._holder, now, undo_attempt=undo_read)
                 )
             except Exception:
                 # Not fatal: the message becomes visible when its timeout runs out.

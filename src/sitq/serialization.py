@@ -68,6 +68,9 @@ class JsonSerializer:
             return json.loads(data)
         except ValueError as exc:
             raise SerializationError(f"stored data is not valid JSON: {exc}") from exc
+        except RecursionError:
+            # Written by something other than sitq, which limits the depth it stores.
+            raise SerializationError("stored JSON is nested too deeply to read") from None
 
 
 _PICKLED_NONE = pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
