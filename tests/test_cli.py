@@ -29,7 +29,7 @@ import pytest
 
 import cli_tasks
 from conftest import POSTGRES_DSN
-from sitq import SyncTaskQueue, Task, TaskStatus
+from sitq import SQLiteBackend, SyncTaskQueue, Task, TaskStatus, ValidationError
 from sitq.backends.base import Backend, NewJob
 from sitq.backends.url import backend_from_url
 from sitq.cli.output import parse_duration
@@ -205,6 +205,23 @@ def workers() -> Iterator[list[WorkerProcess]]:
 
 
 # -- the worker ------------------------------------------------------------------------
+
+
+def test_backend_urls_name_a_sqlite_file_or_are_refused(tmp_path: Path) -> None:
+    relative = backend_from_url("sqlite:///tasks.db")
+    assert isinstance(relative, SQLiteBackend) and relative.path == Path("tasks.db").resolve()
+    absolute = backend_from_url(f"sqlite:///{tmp_path / 'q.db'}")
+    assert isinstance(absolute, SQLiteBackend) and absolute.path == tmp_path / "q.db"
+    # A query once became part of the file's name; "/" named no file at all.
+    for url in (
+        "sqlite:///q.db?mode=ro",
+        "sqlite:///q.db#x",
+        "sqlite:////",
+        "sqlite:///d/",
+        "sqlite://",
+    ):
+        with pytest.raises(ValidationError, match="sqlite URL"):
+            backend_from_url(url)
 
 
 def test_worker_runs_tasks_and_sigterm_lets_the_running_task_finish(

@@ -177,6 +177,31 @@ def test_url_may_name_the_schema() -> None:
     assert "schema" not in backend.dsn
 
 
+async def test_url_with_a_schema_keeps_its_other_parameters_as_written(pg_schema: str) -> None:
+    # urlencode once rewrote %20 as "+", which libpq does not read as a space: the
+    # server refused "+synchronous_commit" and open() failed.
+    with_options = f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}"
+    with_options += "options=-c%20synchronous_commit%3Doff"
+    backend = backend_from_url(f"{with_options}&schema={pg_schema}")
+    assert isinstance(backend, PostgresBackend)
+    assert (backend.schema, backend.dsn) == (pg_schema, with_options)
+    await backend.open()
+    try:
+        task_id = await TaskQueue(backend).enqueue(print)
+        assert await backend.get(task_id) is not None
+    finally:
+        await backend.close()
+
+
+def test_url_schema_must_be_given_once_and_agree() -> None:
+    for query in ("schema=", "schema=a&schema=b"):
+        with pytest.raises(ValidationError, match="schema"):
+            backend_from_url(f"{POSTGRES_DSN}?{query}")
+    with pytest.raises(ValidationError, match="disagrees"):
+        PostgresBackend(f"{POSTGRES_DSN}?schema=a", schema="b")
+    assert PostgresBackend(f"{POSTGRES_DSN}?schema=a", schema="a").schema == "a"
+
+
 def test_every_statement_fits_the_drivers_query_cache() -> None:
     # psycopg converts a query's %(name)s placeholders with a regex on every call,
     # unless the query is short enough for its cache: measured, a 4.3 kB settle spent

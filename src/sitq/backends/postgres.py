@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -110,12 +110,16 @@ def _split_schema(dsn: str) -> tuple[str, str | None]:
     if "://" not in dsn:
         return dsn, None
     parts = urlsplit(dsn)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((value for key, value in pairs if key == "schema"), None)
-    if schema is None:
+    # The other parameters are kept as written: decoding and encoding them again
+    # would turn %20 into "+", which libpq does not read as a space.
+    fields = parts.query.split("&") if parts.query else []
+    schemas = [unquote(field[len("schema=") :]) for field in fields if field.startswith("schema=")]
+    if not schemas:
         return dsn, None
-    query = urlencode([(key, value) for key, value in pairs if key != "schema"])
-    return urlunsplit(parts._replace(query=query)), schema
+    if len(schemas) > 1:
+        raise ValidationError(f"the URL gives schema= more than once: {schemas}")
+    query = "&".join(field for field in fields if not field.startswith("schema="))
+    return urlunsplit(parts._replace(query=query)), schemas[0]
 
 
 class PostgresBackend(Backend):
@@ -144,7 +148,11 @@ class PostgresBackend(Backend):
     ) -> None:
         super().__init__()
         dsn, url_schema = _split_schema(dsn)
-        name = schema if schema is not None else (url_schema or "sitq")
+        if schema is not None and url_schema is not None and schema != url_schema:
+            raise ValidationError(
+                f"schema={schema!r} disagrees with the URL's schema={url_schema!r}"
+            )
+        name = schema if schema is not None else url_schema if url_schema is not None else "sitq"
         if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
             raise ValidationError(
                 f"schema must be a plain identifier (letters, digits, _), got {name!r}"

@@ -20,10 +20,14 @@ def backend_from_url(url: str) -> Backend:
         from sitq.backends.sqlite import SQLiteBackend
 
         path = url[len("sqlite://") :]
-        if not path.startswith("/") or path == "/":
-            raise ValidationError(f"sqlite URL needs a path (sqlite:///file.db), got {url!r}")
+        if "?" in path or "#" in path:
+            # Not options: they would end up in the file's name.
+            raise ValidationError(f"sqlite URL takes no ?query or #fragment, got {url!r}")
         # sqlite:///tasks.db is relative, sqlite:////var/tasks.db absolute (SQLAlchemy's rule).
-        return SQLiteBackend(path[1:])
+        file = path[1:]
+        if not path.startswith("/") or not file or file.endswith("/"):
+            raise ValidationError(f"sqlite URL needs a file path (sqlite:///file.db), got {url!r}")
+        return SQLiteBackend(file)
     if scheme == "memory":
         from sitq.backends.memory import MemoryBackend
 
