@@ -1044,6 +1044,21 @@ async def test_worker_retention_prunes_as_time_passes(
     assert await queue.get_task(never) is not None
 
 
+async def test_a_series_that_starts_late_runs_once_then_returns_to_its_grid(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+) -> None:
+    # The first slot was a day ago (as after a day with no worker up): one run now,
+    # not a second one at once for the latest slot, which the first run served.
+    first = await queue.enqueue(
+        record, "late", eta=clock.now() - timedelta(days=1), interval=timedelta(hours=1)
+    )
+    assert await fake_worker(backend, clock).serve(burst=True) == 1
+    runs = await series_of(queue, first)
+    assert [task.status for task in runs] == [TaskStatus.SUCCESS, TaskStatus.PENDING]
+    assert runs[1].available_at == T0 + timedelta(hours=1)
+    assert state.log == ["late"]
+
+
 async def test_a_burst_prunes_before_it_ends(
     backend: Backend, queue: TaskQueue, clock: FakeClock
 ) -> None:

@@ -169,42 +169,53 @@ EVERY = timedelta(minutes=10)
 
 def test_next_run_is_one_interval_after_the_scheduled_time_not_after_now() -> None:
     # The run was due at 12:00 and finished at 12:03: the next is at 12:10, not 12:13.
-    assert next_interval_run(NOW, EVERY, NOW + timedelta(minutes=3)) == NOW + EVERY
+    assert next_interval_run(NOW, EVERY, NOW + timedelta(minutes=3), NOW) == NOW + EVERY
 
 
 def test_next_run_when_finished_early_or_exactly_on_time() -> None:
-    assert next_interval_run(NOW, EVERY, NOW) == NOW + EVERY
+    assert next_interval_run(NOW, EVERY, NOW, NOW) == NOW + EVERY
     # A clock slightly behind the scheduled time still moves the series forward.
-    assert next_interval_run(NOW, EVERY, NOW - timedelta(seconds=5)) == NOW + EVERY
+    behind = NOW - timedelta(seconds=5)
+    assert next_interval_run(NOW, EVERY, behind, behind) == NOW + EVERY
 
 
-def test_next_run_stays_on_the_grid_and_skips_missed_slots() -> None:
-    # 35 minutes late: slots 12:10, 12:20 and 12:30 were missed. The next run is the
-    # latest slot already passed (12:30, due at once); the others are not piled up.
+def test_a_run_that_overran_slots_is_followed_at_once_by_the_latest() -> None:
+    # Started on time, ran 35 minutes: slots 12:10, 12:20 and 12:30 passed meanwhile.
+    # The next run is the latest (12:30, due at once); the others are not piled up.
     late = NOW + timedelta(minutes=35)
-    nxt = next_interval_run(NOW, EVERY, late)
+    nxt = next_interval_run(NOW, EVERY, late, NOW)
     assert nxt == NOW + 3 * EVERY
     assert nxt <= late
     # Its own next run then returns to the future, still on the grid.
-    assert next_interval_run(nxt, EVERY, late) == NOW + 4 * EVERY
+    assert next_interval_run(nxt, EVERY, late, late) == NOW + 4 * EVERY
+
+
+def test_a_run_that_started_late_served_the_slots_before_it() -> None:
+    # Due at 12:00, started at 12:32 (no worker was up), done at 12:33: the 12:30
+    # slot passed before the run began, so the run covered it; next is 12:40.
+    began = NOW + timedelta(minutes=32)
+    assert next_interval_run(NOW, EVERY, began + timedelta(minutes=1), began) == NOW + 4 * EVERY
+    # A slot passing while that late run is under way still gets its run.
+    done = NOW + timedelta(minutes=41)
+    assert next_interval_run(NOW, EVERY, done, began) == NOW + 4 * EVERY
 
 
 def test_next_run_exactly_on_a_later_slot() -> None:
-    assert next_interval_run(NOW, EVERY, NOW + 2 * EVERY) == NOW + 2 * EVERY
+    assert next_interval_run(NOW, EVERY, NOW + 2 * EVERY, NOW) == NOW + 2 * EVERY
 
 
 def test_next_run_never_drifts_over_many_runs() -> None:
     scheduled = NOW
     for n in range(1, 101):
         # Each run takes a little time; the schedule must not absorb it.
-        finished = scheduled + timedelta(seconds=7)
-        scheduled = next_interval_run(scheduled, EVERY, finished)
+        began = scheduled + timedelta(seconds=2)
+        scheduled = next_interval_run(scheduled, EVERY, began + timedelta(seconds=5), began)
         assert scheduled == NOW + n * EVERY
 
 
 def test_next_run_with_sub_second_interval() -> None:
     every = timedelta(milliseconds=250)
-    assert next_interval_run(NOW, every, NOW + timedelta(milliseconds=100)) == NOW + every
+    assert next_interval_run(NOW, every, NOW + timedelta(milliseconds=100), NOW) == NOW + every
 
 
 # -- RetryPolicy ---------------------------------------------------------------------------

@@ -91,16 +91,22 @@ def interval_from(value: object) -> timedelta | None:
     return value if isinstance(value, timedelta) else timedelta(milliseconds=milliseconds)
 
 
-def next_interval_run(scheduled_at: datetime, interval: timedelta, now: datetime) -> datetime:
-    """The next slot of a recurring series after the run that was due at ``scheduled_at``.
+def next_interval_run(
+    scheduled_at: datetime, interval: timedelta, now: datetime, started_at: datetime
+) -> datetime:
+    """The next slot of a recurring series after the run that was due at
+    ``scheduled_at``, started at ``started_at`` and ended at ``now``.
 
     Slots stay on the grid ``scheduled_at + k * interval`` so the series never drifts
-    with run time. When runs fell behind, the next run is the latest slot already
-    passed (due at once) and the missed slots in between are skipped, not piled up.
+    with run time. A slot that passed while the run was under way is the next run,
+    due at once (the latest such slot: the others are skipped, not piled up). A slot
+    that passed before the run started (it started late, say with no worker up) was
+    served by that run, so the next is the first slot after ``now``: a late series
+    does not run twice in a row.
     """
     elapsed = now - scheduled_at
-    steps = max(1, math.floor(elapsed / interval))
-    return scheduled_at + steps * interval
+    slot = scheduled_at + max(1, math.floor(elapsed / interval)) * interval
+    return slot + interval if slot <= started_at else slot
 
 
 #: The most retries a task may have: its attempt count, one more, is stored in a

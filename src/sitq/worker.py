@@ -57,6 +57,8 @@ MAX_LOST_RUNS = 3
 @dataclass(eq=False)
 class _Running:
     reserved: ReservedTask
+    # When the claim that started this run was made (a series' next slot depends on it).
+    began: datetime
     # The task's coroutine, or for a sync task run straight on a thread, its result.
     future: asyncio.Future[Any] | None = None
     is_async: bool = False
@@ -361,7 +363,7 @@ class Worker:
             )
             held.reserved = reserved
             return
-        running = _Running(reserved)
+        running = _Running(reserved, began=reserved.lease_expires_at - self.lease)
         self._running[reserved.id] = running
         if reserved.cancel_requested:
             # Cancelled while a run held it, and that run's worker was lost: no run
@@ -584,7 +586,9 @@ class Worker:
                 kind=reserved.kind,
                 payload=reserved.payload,
                 enqueued_at=now,
-                available_at=next_interval_run(reserved.scheduled_at, reserved.interval, now),
+                available_at=next_interval_run(
+                    reserved.scheduled_at, reserved.interval, now, running.began
+                ),
                 priority=reserved.priority,
                 max_attempts=reserved.max_attempts,
                 interval=reserved.interval,
