@@ -680,9 +680,17 @@ class PostgresBackend(Backend):
         return Settled(accepted, claimed), died
 
     async def _update_one(
-        self, statement: str, params: dict[str, Any], *, work: bool, finished: bool
+        self,
+        statement: str,
+        params: dict[str, Any],
+        *,
+        work: bool,
+        finished: bool,
+        lock: str | None = None,
     ) -> bool:
         async def update(conn: Conn) -> bool:
+            if lock is not None:
+                await conn.execute(lock, params)
             cursor = await conn.execute(statement, params)
             done = await cursor.fetchone() is not None
             if done:
@@ -703,7 +711,11 @@ class PostgresBackend(Backend):
 
     async def requeue(self, job_id: str, now: datetime) -> bool:
         return await self._update_one(
-            self._sql.requeue, {"id": job_id, "now": now}, work=True, finished=False
+            self._sql.requeue,
+            {"id": job_id, "now": now},
+            work=True,
+            finished=False,
+            lock=self._sql.lock_series,
         )
 
     async def delete(self, job_id: str) -> bool:

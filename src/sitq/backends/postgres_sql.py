@@ -351,6 +351,14 @@ RETURNING id
 # A run of an interval series whose series lives on (a failed run's next run was
 # inserted when it failed) is run once more, as a one-off: keeping its interval would
 # start a second series. A stopped (cancelled) series starts again from it.
+# Taken before _REQUEUE, in its transaction: requeues of runs of one series wait for
+# each other, so each one's statement (a new snapshot, under READ COMMITTED) sees
+# whether another already restarted the series. Without it, two at once both did.
+_LOCK_SERIES = """
+SELECT pg_advisory_xact_lock(hashtextextended(series_id, 0)) FROM {schema}.sitq_jobs
+WHERE id = %(id)s AND series_id IS NOT NULL
+"""
+
 _REQUEUE = """
 UPDATE {schema}.sitq_jobs AS j SET status = 'pending', available_at = %(now)s,
     scheduled_at = %(now)s, attempts = 0,
@@ -416,6 +424,7 @@ class Statements:
     reschedule: str
     cancel: str
     requeue: str
+    lock_series: str
     delete: str
     get: str
     list_prefix: str
@@ -479,6 +488,7 @@ class Statements:
             reschedule=fill(_RESCHEDULE),
             cancel=fill(_CANCEL),
             requeue=fill(_REQUEUE),
+            lock_series=fill(_LOCK_SERIES),
             delete=f"DELETE FROM {table} WHERE id = %(id)s",
             get=f"SELECT {TASK_COLUMNS} FROM {table} WHERE id = %(id)s",
             list_prefix=f"SELECT {TASK_COLUMNS} FROM {table}",
@@ -487,10 +497,14 @@ class Statements:
             next_due_all=fill(_NEXT_DUE, queue_filter=""),
             next_due_queues=fill(_NEXT_DUE, queue_filter=" AND j.queue = ANY(%(queues)s)"),
             # LIMIT NULL is no limit. By id array, as in the claim: primary-key probes.
+            # The conditions again on the DELETE itself: the array is read from the
+            # statement's snapshot, and a row changed meanwhile (a retry() committed
+            # while the DELETE waited for it) is re-checked against these, not it.
             purge=(
                 f"DELETE FROM {table} WHERE id = ANY(ARRAY(SELECT id FROM {table}"
                 " WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
                 " LIMIT %(limit)s))"
+                " AND finished_at < %(before)s AND status = ANY(%(statuses)s)"
             ),
             migrations=tuple(fill(script) for script in MIGRATIONS),
         )
