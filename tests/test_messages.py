@@ -187,6 +187,22 @@ async def test_a_consumer_of_another_queue_with_the_same_name_cannot_settle_its_
     assert await emails.archive(held.id) is True
 
 
+async def test_the_task_api_does_not_act_on_messages(backend: Backend) -> None:
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue({"n": 1})
+    tasks = TaskQueue(backend, clock=clock)
+
+    assert await tasks.get_task(message_id) is None
+    assert await tasks.get_result(message_id, timeout=5) is None
+    assert await tasks.cancel(message_id) is False
+    # Still there for its consumer, and once archived, not the task API's to re-queue.
+    (held,) = await consumer.dequeue()
+    assert held.id == message_id and await consumer.archive(message_id)
+    assert await tasks.retry(message_id) is False
+    assert await status_of(backend, message_id) is TaskStatus.SUCCESS
+
+
 async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: Backend) -> None:
     producer, consumer = make(backend, FakeClock())
 

@@ -275,7 +275,7 @@ class TaskQueue:
         try:
             while True:
                 woken.clear()
-                task = await self.backend.get(task_id)
+                task = await self._task(task_id)
                 if task is None:
                     return None
                 if task.status in FINISHED_STATUSES:
@@ -312,14 +312,26 @@ class TaskQueue:
         """Cancel a task: pending or scheduled ones never run; a running async task is
         cancelled cooperatively; a recurring series stops. ``False`` if the task is
         unknown or already finished."""
-        return await self.backend.cancel(checked_id(task_id), self.clock.now())
+        task_id = checked_id(task_id)
+        if await self._task(task_id) is None:
+            return False
+        return await self.backend.cancel(task_id, self.clock.now())
 
     async def retry(self, task_id: str) -> bool:
         """Re-queue a failed, dead or cancelled task with fresh attempts."""
-        return await self.backend.requeue(checked_id(task_id), self.clock.now())
+        task_id = checked_id(task_id)
+        if await self._task(task_id) is None:
+            return False
+        return await self.backend.requeue(task_id, self.clock.now())
 
     async def get_task(self, task_id: str) -> Task | None:
-        return await self.backend.get(checked_id(task_id))
+        return await self._task(checked_id(task_id))
+
+    async def _task(self, task_id: str) -> Task | None:
+        """The task with this id; ``None`` for a message's id, which is the messages
+        API's to handle (a job's kind never changes, so checking first is safe)."""
+        job = await self.backend.get(task_id)
+        return job if job is not None and job.kind == "task" else None
 
     async def list_tasks(
         self,
