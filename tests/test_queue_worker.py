@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -39,6 +41,7 @@ from sitq import (
 )
 from sitq.backends.base import Backend
 from sitq.queue import new_id
+from sitq.serialization import DEFAULT_SERIALIZER
 
 # -- task functions and the state they share with the tests ------------------------------
 # They are module-level so cloudpickle stores them by reference: the worker (in this
@@ -396,11 +399,98 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
         ({"queues": ["a\x00b"]}, "queue must not contain NUL"),
         ({"name": 123}, "name must be a str"),
         ({"name": ""}, "name must not be empty"),
+        ({"serializer": "pickle"}, "serializer must have dumps"),
     ],
 )
 def test_worker_rejects_bad_options_when_built(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Worker(MemoryBackend(), **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": 3}, "retry must be a RetryPolicy"),
+        ({"queue_retry": {"emails": 5}}, r"queue_retry\['emails'\] must be a RetryPolicy"),
+        ({"queue_retry": [("emails", RetryPolicy())]}, "queue_retry must map"),
+        ({"queue_retry": {"": RetryPolicy()}}, "queue"),
+        ({"serializer": object()}, "serializer must have dumps"),
+    ],
+)
+def test_task_queue_rejects_bad_options_when_built(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TaskQueue(MemoryBackend(), **options)
+
+
+async def test_a_bad_retry_option_is_rejected_and_a_falsy_one_not_ignored(
+    backend: Backend,
+) -> None:
+    queue = TaskQueue(backend, retry=RetryPolicy(max_retries=2))
+    for bad in (3, "x", 0):
+        with pytest.raises(ValidationError, match="retry must be a RetryPolicy"):
+            await queue.enqueue(add, 1, 2, retry=bad)
+    assert await queue.list_tasks() == []
+
+
+def takes_func_and_self(func: int, self: int) -> int:
+    return func + self
+
+
+async def test_a_task_may_take_func_and_self_keyword_arguments(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    task_id = await queue.enqueue(takes_func_and_self, func=1, self=2)
+    assert await Worker(backend).serve(burst=True) == 1
+    result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and queue.deserialize_result(result) == 3
+
+
+def test_sync_purge_takes_progress_like_the_async_one(backend: Backend) -> None:
+    with SyncTaskQueue(backend) as client:
+        client.enqueue(add, 1, 2)
+        Worker(backend).run(burst=True)
+        batches: list[int] = []
+        assert client.purge(statuses=["success"], progress=batches.append) == 1
+        assert batches == [1]
+        with pytest.raises(ValidationError, match="str"):
+            client.purge(statuses="success")
+
+
+class _Compressed:
+    """A custom serializer whose loads raises its own error on foreign data."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return zlib.compress(DEFAULT_SERIALIZER.dumps(obj))
+
+    def loads(self, data: bytes) -> Any:
+        return DEFAULT_SERIALIZER.loads(zlib.decompress(data))
+
+
+class _ExitsWhenLoaded:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (sys.exit, (3,))
+
+
+@pytest.mark.parametrize("case", ["serializer mismatch", "SystemExit while loading"])
+async def test_a_task_that_cannot_be_loaded_fails_and_the_worker_goes_on(
+    backend: Backend, queue: TaskQueue, case: str
+) -> None:
+    if case == "serializer mismatch":
+        bad_id = await queue.enqueue(add, 1, 2)  # default serializer; the worker's differs
+        worker = Worker(backend, serializer=_Compressed(), poll_interval=0.05)
+        good_id = await TaskQueue(backend, serializer=_Compressed()).enqueue(add, 2, 2)
+        expected = "error: Error -3"
+    else:
+        bad_id = await queue.enqueue(add, _ExitsWhenLoaded(), 1)
+        worker = Worker(backend, poll_interval=0.05)
+        good_id = await queue.enqueue(add, 2, 2)
+        expected = "SystemExit: 3"
+    assert await worker.serve(burst=True) == 2
+    bad = await queue.get_result(bad_id, timeout=10)
+    assert bad is not None and bad.status == "failed"
+    assert bad.error is not None and bad.error.startswith(expected)
+    good = await queue.get_task(good_id)
+    assert good is not None and good.status is TaskStatus.SUCCESS
 
 
 def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:

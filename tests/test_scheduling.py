@@ -34,6 +34,7 @@ from sitq import (
     WorkerError,
 )
 from sitq.backends.base import Backend, ClaimRequest
+from sitq.serialization import DEFAULT_SERIALIZER
 from sitq.worker import MAX_LOST_RUNS
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -1042,6 +1043,54 @@ async def test_worker_retention_prunes_as_time_passes(
         await wait_until(old_is_gone)
     assert await queue.get_task(recent) is not None
     assert await queue.get_task(never) is not None
+
+
+def hold_sync_then_fail(label: str) -> None:
+    STATE.log.append(label)
+    STATE.thread_gate.wait(10)
+    raise ValueError("failed after the cancel")
+
+
+async def test_a_cancel_that_meets_a_retry_finishes_the_task_now(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
+) -> None:
+    # A running sync task cannot be interrupted; it fails with a day-long backoff ahead.
+    a_day = RetryPolicy(max_retries=3, backoff=86_400, jitter=False)
+    task_id = await queue.enqueue(hold_sync_then_fail, "x", retry=a_day)
+    async with serving(fake_worker(backend, clock)):
+        await wait_until(lambda: state.log == ["x"])
+        assert await queue.cancel(task_id)
+        state.thread_gate.set()
+        result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and result.status == "cancelled"
+    # Cancelled when the failure was recorded, not when the retry would have been due.
+    assert result.finished_at == clock.now()
+
+
+class _RefusesSomeResults:
+    def dumps(self, obj: Any) -> bytes:
+        if obj == "unstorable":
+            raise TypeError("cannot store this")
+        return DEFAULT_SERIALIZER.dumps(obj)
+
+    def loads(self, data: bytes) -> Any:
+        return DEFAULT_SERIALIZER.loads(data)
+
+
+def give_unstorable() -> str:
+    return "unstorable"
+
+
+async def test_a_result_a_custom_serializer_refuses_fails_the_run_and_the_series_goes_on(
+    backend: Backend, clock: FakeClock
+) -> None:
+    queue = TaskQueue(backend, serializer=_RefusesSomeResults(), clock=clock)
+    first = await queue.enqueue(give_unstorable, interval=timedelta(hours=1))
+    worker = fake_worker(backend, clock, serializer=_RefusesSomeResults())
+    assert await worker.serve(burst=True) == 1
+    runs = await series_of(queue, first)
+    assert [task.status for task in runs] == [TaskStatus.FAILED, TaskStatus.PENDING]
+    assert runs[0].error == "TypeError: cannot store this"
 
 
 async def test_a_series_that_starts_late_runs_once_then_returns_to_its_grid(

@@ -16,7 +16,7 @@ from sitq.clock import SYSTEM_CLOCK, Clock
 from sitq.core import FINISHED_STATUSES, Result, Task, TaskStatus
 from sitq.errors import ResultTimeoutError, ValidationError
 from sitq.scheduling import RetryPolicy, due_time, interval_from, seconds_from
-from sitq.serialization import DEFAULT_SERIALIZER, Serializer
+from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked
 from sitq.task_call import TaskCall
 from sitq.validation import INT32_MAX, INT32_MIN, int_in_range, storable_text
 
@@ -83,10 +83,18 @@ class TaskQueue:
         if not isinstance(backend, Backend):
             raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
         self.backend = backend
-        self.serializer = serializer or DEFAULT_SERIALIZER
+        self.serializer = DEFAULT_SERIALIZER if serializer is None else checked(serializer)
         self.default_queue = queue_name(default_queue)
-        self.retry_policy = retry or RetryPolicy()
-        self.queue_retry = dict(queue_retry or {})
+        self.retry_policy = RetryPolicy() if retry is None else _policy(retry, "retry")
+        if queue_retry is not None and not isinstance(queue_retry, Mapping):
+            raise ValidationError(
+                "queue_retry must map queue names to RetryPolicy objects, "
+                f"got {type(queue_retry).__name__}"
+            )
+        self.queue_retry = {
+            queue_name(name): _policy(policy, f"queue_retry[{name!r}]")
+            for name, policy in (queue_retry or {}).items()
+        }
         self.clock = clock or SYSTEM_CLOCK
 
     async def __aenter__(self) -> TaskQueue:
@@ -110,6 +118,7 @@ class TaskQueue:
     async def enqueue(
         self,
         func: Callable[..., Any],
+        /,
         *args: Any,
         eta: datetime | None = None,
         delay: float | timedelta | None = None,
@@ -193,7 +202,10 @@ class TaskQueue:
     ) -> _Options:
         chosen = self.default_queue if queue is None else queue_name(queue)
         rank = int_in_range(priority, "priority", INT32_MIN, INT32_MAX)
-        policy = retry or self.queue_retry.get(chosen, self.retry_policy)
+        if retry is not None:
+            policy = _policy(retry, "retry")
+        else:
+            policy = self.queue_retry.get(chosen, self.retry_policy)
         if max_retries is not None:
             if isinstance(max_retries, bool) or not isinstance(max_retries, int):
                 raise ValidationError(f"max_retries must be an int, got {max_retries!r}")
@@ -394,6 +406,12 @@ class TaskQueue:
                 progress(removed)
             if removed < PURGE_BATCH:
                 return total
+
+
+def _policy(value: object, name: str) -> RetryPolicy:
+    if not isinstance(value, RetryPolicy):
+        raise ValidationError(f"{name} must be a RetryPolicy, got {value!r}")
+    return value
 
 
 def _result(task: Task) -> Result:

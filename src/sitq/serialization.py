@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import cloudpickle
 
-from sitq.errors import SerializationError
+from sitq.errors import SerializationError, ValidationError
 
 
 @runtime_checkable
@@ -23,6 +23,15 @@ class Serializer(Protocol):
     def dumps(self, obj: Any) -> bytes: ...
 
     def loads(self, data: bytes) -> Any: ...
+
+
+def checked(serializer: object) -> Serializer:
+    """``serializer`` if it has the Serializer methods; ValidationError if not."""
+    if not isinstance(serializer, Serializer):
+        raise ValidationError(
+            f"serializer must have dumps(obj) -> bytes and loads(bytes) methods, got {serializer!r}"
+        )
+    return serializer
 
 
 class CloudpickleSerializer:

@@ -52,7 +52,7 @@ class SyncTaskQueue:
             self._stop_loop()  # the backend cannot open: do not leave the thread behind
             raise
 
-    def _call(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+    def _call(self, func: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T:
         _refuse_inside_a_running_loop()
         with self._lock:
             if self._closed:
@@ -119,7 +119,7 @@ class SyncTaskQueue:
         """The async client underneath."""
         return self._queue
 
-    def enqueue(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    def enqueue(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> str:
         return self._call(self._queue.enqueue, func, *args, **kwargs)
 
     def enqueue_call(
@@ -166,8 +166,11 @@ class SyncTaskQueue:
         self,
         older_than: float | timedelta = 0,
         statuses: Iterable[TaskStatus | str] = PURGEABLE,
+        *,
+        progress: Callable[[int], object] | None = None,
     ) -> int:
-        return self._call(self._queue.purge, older_than, list(statuses))
+        # progress is called on the client's loop thread, between batches.
+        return self._call(self._queue.purge, older_than, statuses, progress=progress)
 
 
 async def _cancel_the_rest() -> None:

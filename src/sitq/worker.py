@@ -29,14 +29,13 @@ from sitq.clock import SYSTEM_CLOCK, Clock
 from sitq.core import FINISHED_STATUSES, ReservedTask, TaskStatus
 from sitq.errors import (
     Retry,
-    SerializationError,
     TaskTimeoutError,
     ValidationError,
     WorkerError,
 )
 from sitq.queue import PURGE_BATCH, new_id, queue_name
 from sitq.scheduling import next_interval_run, seconds_from
-from sitq.serialization import DEFAULT_SERIALIZER, Serializer
+from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked
 from sitq.task_call import TaskCall
 from sitq.thread_runner import ThreadRunner
 from sitq.validation import storable_text
@@ -114,7 +113,7 @@ class Worker:
         if name is not None and not storable_text(name, "name"):
             raise ValidationError("name must not be empty")
         self.backend = backend
-        self.serializer = serializer or DEFAULT_SERIALIZER
+        self.serializer = DEFAULT_SERIALIZER if serializer is None else checked(serializer)
         self.max_concurrency = max_concurrency
         self.poll_interval = poll.total_seconds()
         self.lease = lease
@@ -377,7 +376,10 @@ class Worker:
             return
         try:
             call = TaskCall.loads(reserved.payload, self.serializer)
-        except (SerializationError, KeyError, TypeError, ValueError) as exc:
+        except (Exception, SystemExit) as exc:
+            # Whatever loading raises (a custom serializer's own errors, SystemExit
+            # from an argument's unpickling) is this task's failure; escaping here
+            # would stop the worker, and the next one to claim the task.
             self._fail(running, None, exc, final=True)
             self._release(running)
             return
@@ -472,7 +474,7 @@ class Worker:
         with self._recording(running):
             try:
                 result = self.serializer.dumps(value)
-            except SerializationError as exc:
+            except Exception as exc:  # a custom serializer may raise anything
                 self._fail(running, call, exc, final=True)
             else:
                 self._finish(running, TaskStatus.SUCCESS, result=result)
@@ -499,12 +501,15 @@ class Worker:
         try:
             yield
         except Exception as broken:
-            reserved = running.reserved
-            logger.exception("could not record the outcome of task id=%s", reserved.id)
-            error = f"sitq could not record this task's outcome: {type(broken).__name__}"
-            now = self.clock.now()
-            finish = Finish(reserved.id, self.name, TaskStatus.FAILED, now, error=error)
-            self._outcomes.append((finish, running))
+            logger.exception("could not record the outcome of task id=%s", running.reserved.id)
+            error = _storable(f"sitq could not record this task's outcome: {_describe(broken)}")
+            try:
+                # Through _finish, so a recurring series still gets its next run...
+                self._finish(running, TaskStatus.FAILED, error=error)
+            except Exception:  # ...unless building that run is what failed
+                now = self.clock.now()
+                finish = Finish(running.reserved.id, self.name, TaskStatus.FAILED, now, error=error)
+                self._outcomes.append((finish, running))
 
     def _release(self, running: _Running) -> None:
         """The task is over: free its slot and wake the loop to settle and claim."""
@@ -561,10 +566,11 @@ class Worker:
             self._finish(running, TaskStatus.FAILED, error=error, trace=trace)
             return
         wait = call.retry.delay_for(reserved.attempts) if delay is None else delay
-        retry_at = self.clock.now() + timedelta(seconds=wait)
-        self._outcomes.append(
-            (Reschedule(reserved.id, self.name, retry_at, error=error, traceback=trace), running)
+        now = self.clock.now()
+        retry = Reschedule(
+            reserved.id, self.name, now + timedelta(seconds=wait), error, trace, now=now
         )
+        self._outcomes.append((retry, running))
 
     def _finish(
         self,

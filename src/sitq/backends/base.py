@@ -79,6 +79,9 @@ class Reschedule:
 
     ``undo_attempt`` gives back the attempt the claim counted: a message released
     without being processed, or a task handed back at shutdown before it started.
+    ``now`` is when this was decided: the finish time should a cancel requested
+    meanwhile make the job ``cancelled`` instead (``None``: ``available_at``, for a
+    job given back at once).
     """
 
     id: str
@@ -87,6 +90,11 @@ class Reschedule:
     error: str | None = None
     traceback: str | None = None
     undo_attempt: bool = False
+    now: datetime | None = None
+
+    @property
+    def finished_at_if_cancelled(self) -> datetime:
+        return self.available_at if self.now is None else self.now
 
 
 Outcome = Finish | Reschedule

@@ -196,7 +196,7 @@ class MemoryBackend(Backend):
                 return False
             if row.cancel_requested:
                 row.status = TaskStatus.CANCELLED
-                row.finished_at = reschedule.available_at
+                row.finished_at = reschedule.finished_at_if_cancelled
             else:
                 row.status = TaskStatus.PENDING
                 row.available_at = reschedule.available_at

@@ -566,6 +566,7 @@ class PostgresBackend(Backend):
             self._sql.reschedule,
             {
                 "at": outcome.available_at,
+                "finished_at": outcome.finished_at_if_cancelled,
                 "undo": 1 if outcome.undo_attempt else 0,
                 "error": outcome.error,
                 "traceback": outcome.traceback,

@@ -330,7 +330,7 @@ LEFT JOIN claimed ON true
 _RESCHEDULE = """
 UPDATE {schema}.sitq_jobs SET
     status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
-    finished_at = CASE WHEN cancel_requested THEN %(at)s ELSE NULL END,
+    finished_at = CASE WHEN cancel_requested THEN %(finished_at)s ELSE NULL END,
     available_at = %(at)s, owner = NULL, lease_expires_at = NULL,
     attempts = attempts - %(undo)s, error = coalesce(%(error)s, error),
     traceback = coalesce(%(traceback)s, traceback)

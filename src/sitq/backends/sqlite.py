@@ -559,7 +559,7 @@ class SQLiteBackend(Backend):
             " traceback = coalesce(?, traceback)"
             " WHERE id = ? AND owner = ? AND status = 'running' RETURNING id",
             (
-                to_micros(reschedule.available_at),
+                to_micros(reschedule.finished_at_if_cancelled),
                 to_micros(reschedule.available_at),
                 1 if reschedule.undo_attempt else 0,
                 reschedule.error,
