@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,17 @@ def boom(message: str) -> None:
 
 def whoami() -> int:
     return os.getpid()
+
+
+async def stubborn(started: str) -> None:
+    """Mark ``started``, then run for ever, ignoring every cancellation."""
+    with open(started, "w") as marker:  # noqa: ASYNC230 (a tiny write, once)
+        marker.write(str(os.getpid()))
+    while True:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
 
 
 def slow(started: str, seconds: float) -> str:

@@ -264,13 +264,18 @@ def test_second_signal_exits_at_once_and_the_lease_keeps_the_task(
     assert sqlite_store.status(slow) is TaskStatus.RUNNING
 
 
+@pytest.mark.parametrize("kind", ["sync", "async, ignoring cancellation"])
 def test_tasks_still_running_after_the_grace_period_are_handed_back(
-    sqlite_store: Store, workers: list[WorkerProcess]
+    sqlite_store: Store, workers: list[WorkerProcess], kind: str
 ) -> None:
     worker = start_worker(sqlite_store, "--grace", "0.2")
     workers.append(worker)
     marker = sqlite_store.tmp / "started"
-    slow = sqlite_store.clients[0].enqueue(cli_tasks.slow, str(marker), 30)
+    client = sqlite_store.clients[0]
+    if kind == "sync":
+        slow = client.enqueue(cli_tasks.slow, str(marker), 30)
+    else:
+        slow = client.enqueue(cli_tasks.stubborn, str(marker))
     wait_for(marker.exists, "the slow task to start")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0, worker.stderr

@@ -493,6 +493,91 @@ async def test_a_task_that_cannot_be_loaded_fails_and_the_worker_goes_on(
     assert good is not None and good.status is TaskStatus.SUCCESS
 
 
+async def stubborn() -> str:
+    """Run until STATE.gate is set, ignoring every cancellation."""
+    while not STATE.gate.is_set():
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            STATE.started["cancel ignored"] = time.monotonic()
+    STATE.finished.add("stubborn")
+    return "done anyway"
+
+
+async def test_stop_with_a_timeout_returns_though_a_task_ignores_cancellation(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    task_id = await queue.enqueue(stubborn)
+    worker = Worker(backend, poll_interval=0.05)
+    await worker.start()
+
+    async def running() -> bool:
+        task = await queue.get_task(task_id)
+        return task is not None and task.status is TaskStatus.RUNNING
+
+    await wait_until(running)
+    await asyncio.wait_for(worker.stop(timeout=0.2), 10)
+    assert "cancel ignored" in STATE.started
+    # Handed back, attempt undone; and what the orphaned run does next is not recorded.
+    STATE.gate.set()
+    await wait_until(lambda: "stubborn" in STATE.finished)
+    task = await queue.get_task(task_id)
+    assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
+
+
+async def raise_cancelled_error() -> None:
+    raise asyncio.CancelledError  # as when awaiting a helper task that was cancelled
+
+
+def return_slow_coroutine() -> Coroutine[Any, Any, None]:
+    return asyncio.sleep(30)
+
+
+class _ExitsWhenPickled:
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(5)
+
+
+def return_unpicklable_by_exiting() -> _ExitsWhenPickled:
+    return _ExitsWhenPickled()
+
+
+class _PrintExitsError(Exception):
+    def __str__(self) -> str:
+        raise SystemExit(9)
+
+
+async def raise_unprintable_by_exiting() -> None:
+    raise _PrintExitsError
+
+
+@pytest.mark.parametrize(
+    ("func", "options", "error"),
+    [
+        (raise_cancelled_error, {}, "CancelledError: "),
+        (return_slow_coroutine, {"timeout": 0.2}, "TaskTimeoutError: "),
+        (return_unpicklable_by_exiting, {}, "SystemExit: 5"),
+        (raise_unprintable_by_exiting, {}, "_PrintExitsError: <str() of the exception failed>"),
+    ],
+    ids=["own CancelledError", "returned coroutine past timeout", "__reduce__", "__str__"],
+)
+async def test_what_escaped_the_task_before_is_its_failure_now(
+    backend: Backend,
+    queue: TaskQueue,
+    func: Callable[..., Any],
+    options: dict[str, Any],
+    error: str,
+) -> None:
+    task_id = await queue.enqueue(func, **options)
+    ok_id = await queue.enqueue(add, 1, 1)
+    assert await Worker(backend, poll_interval=0.05).serve(burst=True) == 2
+    result = await queue.get_result(task_id, timeout=10)
+    assert result is not None and result.status == "failed"
+    assert result.error is not None and result.error.startswith(error)
+    ok = await queue.get_result(ok_id, timeout=10)
+    assert ok is not None and ok.status == "success"
+
+
 def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:
     with pytest.raises(ValidationError, match="backend must be a sitq Backend, got str"):
         Worker("tasks.db")  # type: ignore[arg-type]

@@ -62,6 +62,8 @@ class _Running:
     future: asyncio.Future[Any] | None = None
     is_async: bool = False
     cancel_requested: bool = False
+    # Given back to the queue at shutdown: whatever it still does is not recorded.
+    handed_back: bool = False
     started: float = field(default_factory=time.monotonic)
 
 
@@ -376,7 +378,7 @@ class Worker:
             return
         try:
             call = TaskCall.loads(reserved.payload, self.serializer)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
             # Whatever loading raises (a custom serializer's own errors, SystemExit
             # from an argument's unpickling) is this task's failure; escaping here
             # would stop the worker, and the next one to claim the task.
@@ -459,10 +461,13 @@ class Worker:
         try:
             try:
                 value = await (self._invoke(running, call) if returned is None else returned)
-            except asyncio.CancelledError:
-                if not running.cancel_requested:
+            except asyncio.CancelledError as exc:
+                if running.cancel_requested:
+                    self._finish(running, TaskStatus.CANCELLED, error="cancelled while running")
+                elif _being_cancelled():  # by the worker, at shutdown, or by the loop's end
                     raise
-                self._finish(running, TaskStatus.CANCELLED, error="cancelled while running")
+                else:  # the task's own code raised it, say awaiting a cancelled helper
+                    self._record_error(running, call, exc)
             except BaseException as exc:  # SystemExit too: see _record_error
                 self._record_error(running, call, exc)
             else:
@@ -474,7 +479,9 @@ class Worker:
         with self._recording(running):
             try:
                 result = self.serializer.dumps(value)
-            except Exception as exc:  # a custom serializer may raise anything
+            except (
+                BaseException
+            ) as exc:  # a serializer, or a value's __reduce__, may raise anything
                 self._fail(running, call, exc, final=True)
             else:
                 self._finish(running, TaskStatus.SUCCESS, result=result)
@@ -497,10 +504,12 @@ class Worker:
     @contextlib.contextmanager
     def _recording(self, running: _Running) -> Iterator[None]:
         """Recording an outcome must not fail, or the task's slot is never freed and
-        it stays 'running' for good: if it does, record a plain failure instead."""
+        it stays 'running' for good: if it does, record a plain failure instead.
+        BaseException too: a value's __reduce__ or an exception's __str__ may raise
+        SystemExit, which would stop the worker's loop."""
         try:
             yield
-        except Exception as broken:
+        except BaseException as broken:
             logger.exception("could not record the outcome of task id=%s", running.reserved.id)
             error = _storable(f"sitq could not record this task's outcome: {_describe(broken)}")
             try:
@@ -513,30 +522,37 @@ class Worker:
 
     def _release(self, running: _Running) -> None:
         """The task is over: free its slot and wake the loop to settle and claim."""
+        if running.handed_back:
+            return  # its slot was freed when it was handed back
         self._running.pop(running.reserved.id, None)
         self.processed += 1
         if self._wake is not None:
             self._wake.set()
 
     async def _invoke(self, running: _Running, call: TaskCall) -> Any:
+        if call.timeout is None:
+            return await self._call(running, call)
+        try:
+            async with asyncio.timeout(call.timeout) as scope:
+                return await self._call(running, call)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            if not running.is_async:
+                self._replace_threads()
+            raise TaskTimeoutError(call.timeout) from None
+
+    async def _call(self, running: _Running, call: TaskCall) -> Any:
+        """The task's value: an async function awaited on the loop, a sync one run in a
+        thread, and whatever awaitable the sync one returned awaited after it, all of
+        it within the task's timeout."""
         func = call.func
         if inspect.iscoroutinefunction(func):
             running.is_async = True
             awaitable: Awaitable[Any] = func(*call.args, **call.kwargs)
         else:
             awaitable = self._run_in_thread(call)
-        if call.timeout is None:
-            value = await awaitable
-        else:
-            try:
-                async with asyncio.timeout(call.timeout) as scope:
-                    value = await awaitable
-            except TimeoutError:
-                if not scope.expired():
-                    raise
-                if not running.is_async:
-                    self._replace_threads()
-                raise TaskTimeoutError(call.timeout) from None
+        value = await awaitable
         if inspect.isawaitable(value):  # a sync function that returned a coroutine
             running.is_async = True
             value = await value
@@ -559,6 +575,8 @@ class Worker:
         delay: float | None = None,
     ) -> None:
         """Retry the task if it has attempts left, else record the failure."""
+        if running.handed_back:
+            return
         reserved = running.reserved
         error = _storable(_describe(exc))
         trace = _storable("".join(traceback.format_exception(exc)))
@@ -582,6 +600,8 @@ class Worker:
         trace: str | None = None,
     ) -> None:
         """Queue the final outcome (and a recurring task's next run) for recording."""
+        if running.handed_back:
+            return
         reserved = running.reserved
         now = self.clock.now()
         next_run = None
@@ -665,19 +685,32 @@ class Worker:
         """Cancel what still runs after the stop grace period and release its leases."""
         for running in list(self._running.values()):
             reserved = running.reserved
+            # Its slot is free from now on, so stop() returns even when a coroutine
+            # ignores the cancellation and runs on; whatever it does is not recorded.
+            running.handed_back = True
+            del self._running[reserved.id]
             if running.future is not None:
                 running.future.cancel()
             await self.backend.reschedule(
                 Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
             )
             logger.warning("handed back task %s unfinished at shutdown", reserved.id)
+        if self._wake is not None:
+            self._wake.set()
+
+
+def _being_cancelled() -> bool:
+    """Whether someone called cancel() on the current asyncio task (a CancelledError
+    the task's own code raises, with no cancel() behind it, does not count)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _describe(exc: BaseException) -> str:
     """``Type: message``, even for an exception whose ``__str__`` raises."""
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:  # SystemExit from a __str__ too
         message = "<str() of the exception failed>"
     return f"{type(exc).__name__}: {message}"
 

@@ -305,6 +305,13 @@ async def _serve(backend: Backend, settings: WorkerSettings) -> int:
                 await watcher
         await backend.close()
     logger.info("worker %s stopped: %d tasks processed", worker.name, processed)
+    # What is left on the loop is a task handed back after --grace that ignored its
+    # cancellation: asyncio.run would wait for it for ever before exiting.
+    stubborn = asyncio.all_tasks() - {asyncio.current_task()}
+    if stubborn:
+        logger.warning("exiting with %d task coroutines that ignored cancellation", len(stubborn))
+        _flush()
+        os._exit(0)
     return 0
 
 
