@@ -209,7 +209,7 @@ async def test_bad_arguments_raise_validation_errors_and_store_nothing(backend: 
     for delay in (-1, math.nan, "5", True):
         with pytest.raises(ValidationError):
             await producer.enqueue_delayed({"a": 1}, delay)  # type: ignore[arg-type]
-    for size in (0, -3, True, 1.5):
+    for size in (0, -3, True, 1.5, 2**31):
         with pytest.raises(ValidationError):
             await consumer.dequeue(batch_size=size)  # type: ignore[arg-type]
     for queue in ("", None, 7):

@@ -215,45 +215,35 @@ async def waiting_for_a_lock(statement_fragment: str) -> bool:
     return bool(row[0])
 
 
-@pytest.fixture
-async def opened(pg_schema: str) -> AsyncIterator[PostgresBackend]:
-    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
-    await backend.open()
-    try:
-        yield backend
-    finally:
-        await backend.close()
-
-
-async def test_a_purge_never_deletes_a_task_retried_while_it_ran(opened: PostgresBackend) -> None:
-    await opened.enqueue([job("a")])
-    await opened.claim(claim("w"))
-    assert await opened.finish(Finish("a", "w", TaskStatus.FAILED, NOW))
+async def test_a_purge_never_deletes_a_task_retried_while_it_ran(pg: PostgresBackend) -> None:
+    await pg.enqueue([job("a")])
+    await pg.claim(claim("w"))
+    assert await pg.finish(Finish("a", "w", TaskStatus.FAILED, NOW))
     # A retry() still in its transaction when a purge of failed jobs picks the job.
     async with await psycopg.AsyncConnection.connect(POSTGRES_DSN) as retrying:
-        await retrying.execute(opened._sql.requeue, {"id": "a", "now": NOW})
-        purge = asyncio.create_task(opened.purge(NOW + timedelta(days=1), [TaskStatus.FAILED]))
-        await wait_until(lambda: waiting_for_a_lock(f'DELETE FROM "{opened.schema}"'))
+        await retrying.execute(pg._sql.requeue, {"id": "a", "now": NOW})
+        purge = asyncio.create_task(pg.purge(NOW + timedelta(days=1), [TaskStatus.FAILED]))
+        await wait_until(lambda: waiting_for_a_lock(f'DELETE FROM "{pg.schema}"'))
         await retrying.commit()
         assert await asyncio.wait_for(purge, 10) == 0
-    task = await opened.get("a")
+    task = await pg.get("a")
     assert task is not None and task.status is TaskStatus.PENDING
 
 
 async def test_two_retries_of_a_stopped_series_at_once_restart_it_once(
-    opened: PostgresBackend,
+    pg: PostgresBackend,
 ) -> None:
     every = timedelta(hours=1)
-    await opened.enqueue([job("run1", interval=every, series_id="s")])
-    await opened.claim(claim("w"))
+    await pg.enqueue([job("run1", interval=every, series_id="s")])
+    await pg.claim(claim("w"))
     run2 = job("run2", at=NOW + every, interval=every, series_id="s")
-    assert await opened.finish(Finish("run1", "w", TaskStatus.FAILED, NOW, next_run=run2))
-    assert await opened.cancel("run2", NOW)  # the series is stopped
+    assert await pg.finish(Finish("run1", "w", TaskStatus.FAILED, NOW, next_run=run2))
+    assert await pg.cancel("run2", NOW)  # the series is stopped
     # Two admins retry its two runs at once: the first is still in its transaction.
     async with await psycopg.AsyncConnection.connect(POSTGRES_DSN) as first:
-        await first.execute(opened._sql.lock_series, {"id": "run1"})
-        await first.execute(opened._sql.requeue, {"id": "run1", "now": NOW})
-        second = asyncio.create_task(opened.requeue("run2", NOW))
+        await first.execute(pg._sql.lock_series, {"id": "run1"})
+        await first.execute(pg._sql.requeue, {"id": "run1", "now": NOW})
+        second = asyncio.create_task(pg.requeue("run2", NOW))
 
         async def second_waits_or_is_done() -> bool:
             return second.done() or await waiting_for_a_lock("pg_advisory_xact_lock")
@@ -261,7 +251,7 @@ async def test_two_retries_of_a_stopped_series_at_once_restart_it_once(
         await wait_until(second_waits_or_is_done)
         await first.commit()
         assert await asyncio.wait_for(second, 10) is True
-    tasks = await opened.list_jobs(TaskQuery())
+    tasks = await pg.list_jobs(TaskQuery())
     live = [t.id for t in tasks if t.status is TaskStatus.PENDING and t.interval is not None]
     assert live == ["run1"], "the series was restarted twice"
 

@@ -97,12 +97,6 @@ class _Client:
         return await metrics_of(self.backend, self.queue, self.clock)
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 # -- producer ------------------------------------------------------------------------
 
 
@@ -244,7 +238,7 @@ class Consumer(_Client):
         are visible when some of those it picked had been read ``max_deliveries``
         times and went to the dead letters instead.
         """
-        limit = _positive_int(batch_size, "batch_size")
+        limit = int_in_range(batch_size, "batch_size", 1, INT32_MAX)
         await self._ready()
         return await self._claim(limit)
 
@@ -377,9 +371,9 @@ class Consumer(_Client):
     # -- dead letters ---------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Messages of this queue in the ``dead`` state, most recently enqueued first, with their
-        payloads, read counts and why they died."""
-        _positive_int(limit, "limit")
+        """Messages of this queue in the ``dead`` state, most recently enqueued first,
+        with their payloads, read counts and why they died."""
+        int_in_range(limit, "limit", 1, INT32_MAX)
         await self._ready()
         found = await self.backend.list_jobs(
             TaskQuery(
@@ -439,7 +433,7 @@ class Consumer(_Client):
         dequeues several at a time; those not yet yielded keep counting down their
         timeout. Close the iterator (``contextlib.aclosing``) to give them back at once.
         """
-        limit = _positive_int(batch_size, "batch_size")
+        limit = int_in_range(batch_size, "batch_size", 1, INT32_MAX)
         await self._ready()
         wake = await self._subscribe()
         batch: list[Message] = []
@@ -475,7 +469,7 @@ class Consumer(_Client):
         """
         if not callable(handler):
             raise ValidationError(f"handler must be callable, got {type(handler).__name__}")
-        limit = _positive_int(batch_size, "batch_size")
+        limit = int_in_range(batch_size, "batch_size", 1, INT32_MAX)
         retry_wait = seconds_from(retry_delay, "retry_delay")
         await self._ready()
         wake = await self._subscribe()

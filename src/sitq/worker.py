@@ -370,11 +370,19 @@ class Worker:
             # Cancelled while a run held it, and that run's worker was lost: no run
             # is wanted any more (nor, for a series, a next one).
             error = "cancelled while running; its worker was lost, and it is not run again"
-            self._finish(running, TaskStatus.CANCELLED, error=error)
-            self._release(running)
+            self._end_unrun(running, TaskStatus.CANCELLED, error)
             return
         if reserved.attempts >= reserved.max_attempts + MAX_LOST_RUNS:
-            self._give_up_on_lost_runs(running)
+            # Its attempts count this claim, so attempts - 1 runs came before. A task
+            # runs past its retries only when a run was lost, so at least
+            # MAX_LOST_RUNS of those were.
+            runs = reserved.attempts - 1
+            error = (
+                f"WorkerLost: {runs} runs ended with no outcome, at least {MAX_LOST_RUNS} "
+                "of them because the worker running it was lost (killed, or stalled past "
+                "its lease); not started again"
+            )
+            self._end_unrun(running, TaskStatus.FAILED, error)
             return
         try:
             call = TaskCall.loads(reserved.payload, self.serializer)
@@ -404,26 +412,10 @@ class Worker:
         running.future = future
         future.add_done_callback(functools.partial(self._thread_done, running, call))
 
-    def _give_up_on_lost_runs(self, running: _Running) -> None:
-        """Fail a task instead of starting it again after too many lost runs.
-
-        Its attempts count this claim, so ``attempts - 1`` runs came before. A task
-        runs past its retries only when a run was lost, so at least ``MAX_LOST_RUNS``
-        of those were.
-        """
-        runs = running.reserved.attempts - 1
-        logger.error(
-            "task id=%s: ran %d times without an outcome, its worker lost each time "
-            "past its retries; failing it instead of starting it again",
-            running.reserved.id,
-            runs,
-        )
-        error = (
-            f"WorkerLost: {runs} runs ended with no outcome, at least {MAX_LOST_RUNS} "
-            "of them because the worker running it was lost (killed, or stalled past "
-            "its lease); not started again"
-        )
-        self._finish(running, TaskStatus.FAILED, error=error)
+    def _end_unrun(self, running: _Running, status: TaskStatus, error: str) -> None:
+        """Record a claimed task's final outcome without running it."""
+        logger.error("task id=%s: %s %s", running.reserved.id, status.value, error)
+        self._finish(running, status, error=error)
         self._release(running)
 
     def _run_in_thread(self, call: TaskCall) -> asyncio.Future[Any]:
@@ -479,9 +471,7 @@ class Worker:
         with self._recording(running):
             try:
                 result = self.serializer.dumps(value)
-            except (
-                BaseException
-            ) as exc:  # a serializer, or a value's __reduce__, may raise anything
+            except BaseException as exc:  # a serializer or a __reduce__ may raise anything
                 self._fail(running, call, exc, final=True)
             else:
                 self._finish(running, TaskStatus.SUCCESS, result=result)
