@@ -25,6 +25,7 @@ from sitq.backends.base import (
     TaskQuery,
 )
 from sitq.core import JobKind, Task
+from sitq.metrics import metrics_from
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 LEASE = timedelta(seconds=10)
@@ -613,7 +614,8 @@ async def test_requeue_makes_failed_and_cancelled_jobs_pending_with_fresh_attemp
     assert await backend.requeue("failed", at(5))
     task = await get(backend, "failed")
     assert (task.status, task.attempts, task.available_at) == (TaskStatus.PENDING, 0, at(5))
-    assert task.finished_at is None and task.error is None
+    # Nothing of the old run shows: it is a job that has not started.
+    assert (task.started_at, task.finished_at, task.error) == (None, None, None)
     assert await backend.requeue("cancelled", at(5))
     assert {r.id for r in await backend.claim(claim_req("w2", now=5))} == {"failed", "cancelled"}
 
@@ -707,7 +709,7 @@ async def test_queue_stats_counts_scheduled_and_oldest_pending(backend: Backend)
     await backend.claim(claim_req("w1", now=0, queues=("a",)))
     await backend.finish(Finish("done", "w1", TaskStatus.SUCCESS, at(1)))
 
-    stats = await backend.queue_stats(at(10))
+    stats = await backend.queue_stats(at(9))  # before the lease of "runs" ends
     assert [s.queue for s in stats] == ["a", "b"]
     a, b = stats
     assert a.counts.get(TaskStatus.RUNNING) == 1 and a.counts.get(TaskStatus.SUCCESS) == 1
@@ -720,6 +722,25 @@ async def test_queue_stats_counts_scheduled_and_oldest_pending(backend: Backend)
     # Later on, the scheduled job has come due too.
     later = {s.queue: s for s in await backend.queue_stats(at(200))}
     assert (later["b"].scheduled, later["b"].pending) == (0, 3)
+
+
+async def test_queue_stats_count_an_expired_lease_as_claimable_again(backend: Backend) -> None:
+    # A job whose worker or consumer let its lease run out is what the next claim
+    # takes: metrics must call it pending, waiting since its lease ended.
+    await backend.enqueue([job("lapsed", due=0), job("held", due=0), job("waits", due=50)])
+    assert [t.id for t in await backend.claim(claim_req("w1", now=0, limit=1))] == ["lapsed"]
+    assert [t.id for t in await backend.claim(claim_req("w2", now=8, limit=1))] == ["held"]
+    moment = at(15)  # lapsed's lease ended at 10; held's runs to 18
+
+    (stats,) = await backend.queue_stats(moment)
+    assert stats.counts.get(TaskStatus.RUNNING) == 2
+    assert (stats.expired, stats.running, stats.pending, stats.scheduled) == (1, 1, 1, 1)
+    assert stats.oldest_pending_at == at(0) + LEASE
+    metrics = metrics_from(stats, moment)
+    assert (metrics.pending, metrics.running) == (1, 1)
+    assert metrics.oldest_pending_age == timedelta(seconds=5)
+    # The claim that metrics announce is there to take.
+    assert [t.id for t in await backend.claim(claim_req("w3", now=15))] == ["lapsed"]
 
 
 async def test_queue_stats_of_an_empty_store_is_empty(backend: Backend) -> None:

@@ -614,17 +614,24 @@ async def test_iterator_yields_a_message_enqueued_after_it_started(
 async def test_closing_the_iterator_gives_back_unyielded_messages(backend: Backend) -> None:
     clock = FakeClock()
     producer, consumer = make(backend, clock)
-    await producer.enqueue_many([{"n": n} for n in range(3)])
+    early = await producer.enqueue_many([{"n": n} for n in range(3)])
+    clock.advance(10)
+    later = await producer.enqueue({"n": "later"})
+    clock.advance(50)
 
     async with contextlib.aclosing(consumer.messages(batch_size=3)) as stream:
         async for message in stream:
             first = message
             break
 
+    assert first.id == early[0]
     assert await status_of(backend, first.id) is TaskStatus.RUNNING
+    # Given back as they were: their place before the later message, and the queue's
+    # oldest pending still 60 s old, not reset by the read that was undone.
+    assert (await consumer.metrics()).oldest_pending_age == timedelta(seconds=60)
     rest = await Consumer(backend, "jobs", name="c2", clock=clock).dequeue(batch_size=5)
-    assert len(rest) == 2
-    assert all(m.read_count == 1 for m in rest)  # the hand-back was not a read
+    assert [m.id for m in rest] == [*early[1:], later]
+    assert [m.read_count for m in rest] == [1, 1, 1]  # the hand-back was not a read
 
 
 async def test_stop_ends_async_for_over_the_consumer(backend: Backend) -> None:

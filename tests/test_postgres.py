@@ -101,6 +101,29 @@ async def test_migrate_is_idempotent(pg: PostgresBackend, pg_schema: str) -> Non
     assert [v for (v,) in versions] == list(range(1, len(MIGRATIONS) + 1))
 
 
+async def test_migrate_without_open_applies_and_counts_once(pg_schema: str) -> None:
+    # The deploy step of docs/postgres.md: several migrators at once, none opened.
+    migrators = [PostgresBackend(POSTGRES_DSN, schema=pg_schema) for _ in range(4)]
+    applied = await asyncio.gather(*(b.migrate() for b in migrators))
+    assert sorted(applied) == [0, 0, 0, len(MIGRATIONS)]
+    assert await migrators[0].migrate() == 0
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await backend.open()
+    try:
+        await backend.enqueue([job("a")])
+        assert (await backend.get("a")) is not None
+    finally:
+        await backend.close()
+
+
+async def test_migrate_without_open_reports_an_unreachable_server(pg_schema: str) -> None:
+    backend = PostgresBackend(
+        "postgresql://postgres@127.0.0.1:1/nowhere", schema=pg_schema, connect_timeout=1
+    )
+    with pytest.raises(BackendError, match="cannot connect to PostgreSQL"):
+        await backend.migrate()
+
+
 async def test_concurrent_open_migrates_once(pg_schema: str) -> None:
     backends = [PostgresBackend(POSTGRES_DSN, schema=pg_schema) for _ in range(6)]
     try:

@@ -388,7 +388,8 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
+        ({"max_concurrency": 0}, "max_concurrency must be between 1 and"),
+        ({"max_concurrency": 2**63}, "max_concurrency must be between 1 and"),
         ({"max_concurrency": True}, "max_concurrency must be an int"),
         ({"poll_interval": 0}, "poll_interval must be positive"),
         ({"poll_interval": float("nan")}, "poll_interval"),

@@ -20,8 +20,10 @@ import pytest
 
 from helpers import wait_until
 from sitq import (
+    Consumer,
     FakeClock,
     MemoryBackend,
+    Producer,
     ResultTimeoutError,
     Retry,
     RetryPolicy,
@@ -33,7 +35,8 @@ from sitq import (
     Worker,
     WorkerError,
 )
-from sitq.backends.base import Backend, ClaimRequest
+from sitq.backends.base import Backend, ClaimRequest, TaskQuery
+from sitq.core import JobKind
 from sitq.serialization import DEFAULT_SERIALIZER
 from sitq.worker import MAX_LOST_RUNS
 
@@ -223,10 +226,10 @@ async def test_a_task_that_falls_due_while_the_worker_goes_idle_runs_at_once(
     task_id = await queue.enqueue(record, "due", eta=at(10))
     purge = backend.purge
 
-    async def purge_then_move_the_clock(*args: Any) -> int:
+    async def purge_then_move_the_clock(*args: Any, **kwargs: Any) -> int:
         if clock.now() < at(10):
             advance_to(clock, at(10))  # the worker prunes right before it goes idle
-        return await purge(*args)
+        return await purge(*args, **kwargs)
 
     monkeypatch.setattr(backend, "purge", purge_then_move_the_clock)
     async with serving(fake_worker(backend, clock, retention=timedelta(days=1))):
@@ -312,6 +315,9 @@ async def test_huge_durations_and_far_etas_are_rejected_naming_the_argument(
             await queue.get_result("x", timeout=bad)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="visibility_timeout"):
         Worker(backend, visibility_timeout=1e12)
+    for limit in (0, 2**63):  # 2**63 overflowed SQLite and PostgreSQL differently
+        with pytest.raises(ValidationError, match="limit must be between 1 and"):
+            await queue.list_tasks(limit=limit)
     assert sum((await queue.counts()).values()) == 0, "a rejected enqueue stored a job"
     # A far eta without an interval stays allowed.
     task = await queue.get_task(await queue.enqueue(record, "x", eta=latest))
@@ -1001,8 +1007,8 @@ async def test_worker_prunes_a_large_backlog_a_batch_per_idle_turn(
     purged: list[int] = []
     purge = backend.purge
 
-    async def counting_purge(*args: Any) -> int:
-        removed = await purge(*args)
+    async def counting_purge(*args: Any, **kwargs: Any) -> int:
+        removed = await purge(*args, **kwargs)
         purged.append(removed)
         return removed
 
@@ -1119,6 +1125,44 @@ async def test_a_burst_prunes_before_it_ends(
     assert await queue.get_task(old) is None
 
 
+async def test_a_burst_prunes_the_whole_backlog_a_batch_at_a_time(
+    backend: Backend, queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sitq.worker
+
+    monkeypatch.setattr(sitq.worker, "PURGE_BATCH", 2)
+    await cancel_tasks(queue, 5)
+    clock.advance(timedelta(hours=2))
+    assert await fake_worker(backend, clock, retention=timedelta(hours=1)).serve(burst=True) == 0
+    assert await queue.list_tasks() == []
+
+
+async def test_retention_prunes_only_the_workers_own_queues_and_no_messages(
+    backend: Backend, queue: TaskQueue, clock: FakeClock
+) -> None:
+    ours = await queue.enqueue(record, "ours", queue="a")
+    theirs = await queue.enqueue(record, "theirs", queue="b")
+    assert await fake_worker(backend, clock).serve(burst=True) == 2
+    producer = Producer(backend, "a", max_deliveries=1, clock=clock)
+    consumer = Consumer(backend, "a", clock=clock)
+    archived, dead = await producer.enqueue_many([{"n": 1}, {"n": 2}])
+    for message in await consumer.dequeue(batch_size=2):
+        if message.id == archived:
+            await consumer.archive(message.id)
+        else:
+            await consumer.release(message.id)
+    assert await consumer.dequeue() == []  # the released one was read its once: dead
+    assert [m.id for m in await consumer.dead_letters()] == [dead]
+    clock.advance(timedelta(hours=2))
+
+    worker = fake_worker(backend, clock, retention=timedelta(hours=1), queues=["a"])
+    assert await worker.serve(burst=True) == 0
+    assert await queue.get_task(ours) is None
+    assert await queue.get_task(theirs) is not None, "pruned another queue's task"
+    kept = {task.id: task.status for task in await backend.list_jobs(TaskQuery(kind="message"))}
+    assert kept == {archived: TaskStatus.SUCCESS, dead: TaskStatus.DEAD}
+
+
 async def test_a_busy_worker_prunes_without_waiting_for_an_idle_turn(
     backend: Backend, queue: TaskQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1129,9 +1173,9 @@ async def test_a_busy_worker_prunes_without_waiting_for_an_idle_turn(
     pending_at_prunes: list[int] = []
     purge = backend.purge
 
-    async def watched_purge(*args: Any) -> int:
+    async def watched_purge(*args: Any, **kwargs: Any) -> int:
         pending_at_prunes.append((await queue.counts())["pending"])
-        return await purge(*args)
+        return await purge(*args, **kwargs)
 
     monkeypatch.setattr(backend, "purge", watched_purge)
     worker = fake_worker(backend, clock, retention=timedelta(hours=1))
@@ -1286,9 +1330,15 @@ class _ClockMovesDuringPurge(MemoryBackend):
         self.step: timedelta | None = None
 
     async def purge(
-        self, finished_before: datetime, statuses: Sequence[TaskStatus], limit: int | None = None
+        self,
+        finished_before: datetime,
+        statuses: Sequence[TaskStatus],
+        limit: int | None = None,
+        *,
+        kind: JobKind | None = None,
+        queues: tuple[str, ...] | None = None,
     ) -> int:
-        removed = await super().purge(finished_before, statuses, limit)
+        removed = await super().purge(finished_before, statuses, limit, kind=kind, queues=queues)
         step, self.step = self.step, None
         if step is not None:
             self.clock.advance(step)

@@ -448,7 +448,7 @@ class Consumer(_Client):
                     yield batch.pop(0)
         finally:
             self._unsubscribe(wake)
-            await self._hand_back([message.id for message in batch])
+            await self._hand_back(batch)
 
     async def process(
         self,
@@ -507,9 +507,8 @@ class Consumer(_Client):
             self._unsubscribe(wake)
             if current is not None:
                 # Cancelled while its handler ran: that read happened, so it counts.
-                del held[current]
-                await self._hand_back([current], undo_read=False)
-            await self._hand_back(list(held))
+                await self._hand_back([held.pop(current)], undo_read=False)
+            await self._hand_back(list(held.values()))
         return processed
 
     async def _handle(self, handler: Handler, message: Message, retry_wait: timedelta) -> None:
@@ -552,21 +551,24 @@ class Consumer(_Client):
             for message_id in report.lost:
                 logger.warning("lost message %s to another consumer", message_id)
 
-    async def _hand_back(self, message_ids: Sequence[str], *, undo_read: bool = True) -> None:
+    async def _hand_back(self, messages: Sequence[Message], *, undo_read: bool = True) -> None:
         """Make held messages visible again at once.
 
         By default the read is undone: these were dequeued but never handed to the
-        caller, so they must not creep towards ``max_deliveries``.
+        caller, so they are put back as they were, their read count and their place
+        in the queue (``visible_at``, which orders them and ages the queue's oldest
+        pending) both unchanged. A message whose read counts is visible from now.
         """
         now = self.clock.now()
-        for message_id in message_ids:
+        for message in messages:
+            visible = message.visible_at if undo_read else now
             try:
                 await self.backend.reschedule(
-                    Reschedule(message_id, self._holder, now, undo_attempt=undo_read)
+                    Reschedule(message.id, self._holder, visible, undo_attempt=undo_read, now=now)
                 )
             except Exception:
                 # Not fatal: the message becomes visible when its timeout runs out.
-                logger.exception("could not give back message %s", message_id)
+                logger.exception("could not give back message %s", message.id)
 
     async def _due_now(self) -> bool:
         due = await self.backend.next_due(_KIND, (self.queue,))

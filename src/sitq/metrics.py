@@ -17,8 +17,10 @@ from sitq.core import TaskStatus
 class QueueMetrics:
     """Counts of one queue's jobs (messages and tasks together).
 
-    ``pending`` are visible now; ``scheduled`` are pending but not yet visible;
-    ``running`` are dequeued (or being run by a worker); ``archived`` are finished
+    ``pending`` are visible now (including jobs whose consumer or worker let the
+    visibility timeout run out); ``scheduled`` are pending but not yet visible;
+    ``running`` are dequeued (or being run by a worker) with their visibility timeout
+    still running; ``archived`` are finished
     successfully; ``dead`` are dead letters. ``oldest_pending_age`` is how long the
     oldest visible pending job has been waiting since it became visible.
     """
@@ -42,7 +44,7 @@ def metrics_from(stats: QueueStats, now: datetime) -> QueueMetrics:
         queue=stats.queue,
         pending=stats.pending,
         scheduled=stats.scheduled,
-        running=counts.get(TaskStatus.RUNNING, 0),
+        running=stats.running,
         archived=counts.get(TaskStatus.SUCCESS, 0),
         failed=counts.get(TaskStatus.FAILED, 0),
         cancelled=counts.get(TaskStatus.CANCELLED, 0),

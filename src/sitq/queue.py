@@ -352,8 +352,7 @@ class TaskQueue:
         limit: int = 100,
     ) -> list[Task]:
         """Tasks newest first, optionally filtered by status and queue."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(f"limit must be a positive int, got {limit!r}")
+        int_in_range(limit, "limit", 1, INT32_MAX)
         return await self.backend.list_jobs(
             TaskQuery(
                 status=_status(status),

@@ -38,12 +38,12 @@ from sitq.scheduling import next_interval_run, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked
 from sitq.task_call import TaskCall
 from sitq.thread_runner import ThreadRunner
-from sitq.validation import storable_text
+from sitq.validation import INT32_MAX, int_in_range, storable_text
 
 logger = logging.getLogger("sitq.worker")
 
-#: How often a worker prunes finished jobs older than its ``retention``, a batch of
-#: ``PURGE_BATCH`` per idle turn (a full batch prunes again at the next turn).
+#: How often a worker prunes finished tasks older than its ``retention``, a batch of
+#: ``PURGE_BATCH`` per turn of its loop (a full batch prunes again at the next turn).
 PRUNE_EVERY = timedelta(minutes=1)
 
 #: How many runs of a task may be lost with their worker (killed, or stalled past its
@@ -100,10 +100,8 @@ class Worker:
     ) -> None:
         if not isinstance(backend, Backend):
             raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-            raise ValidationError(f"max_concurrency must be an int, got {max_concurrency!r}")
-        if max_concurrency < 1:
-            raise ValidationError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        # The claim's LIMIT: every backend's integer must hold it.
+        int_in_range(max_concurrency, "max_concurrency", 1, INT32_MAX)
         poll = seconds_from(poll_interval, "poll_interval")
         if poll <= timedelta(0):
             raise ValidationError(f"poll_interval must be positive, got {poll_interval!r}")
@@ -253,9 +251,10 @@ class Worker:
                 # instead of sleeping through what the move made due.
                 now = claim.now if claim is not None else self.clock.now()
                 # On busy turns too (a worker that always has work must still prune),
-                # and before a burst ends.
-                await self._prune_if_due(now)
-                if claimed or settled_any:
+                # and before a burst ends. A backlog larger than a batch is pruned a
+                # batch per turn, claims in between, without sleeping between batches.
+                more_to_prune = await self._prune_if_due(now)
+                if claimed or settled_any or more_to_prune:
                     continue
                 if burst and not self._running:
                     break
@@ -316,29 +315,38 @@ class Worker:
                     deadline = next_due
         await self.clock.sleep_until(deadline, wake)
 
-    async def _prune_if_due(self, now: datetime) -> None:
+    async def _prune_if_due(self, now: datetime) -> bool:
+        """Delete a batch of finished tasks past retention, if a prune is due; ``True``
+        when the batch was full, so more may be left."""
         if self.retention is None:
-            return
+            return False
         # On the worker's clock, so tests can drive retention with a FakeClock.
         moment = now.timestamp()
         if 0 <= moment - self._last_prune < PRUNE_EVERY.total_seconds():
-            return
+            return False
         self._last_prune = moment
         try:
+            # Its own: finished tasks of the queues it serves. Another queue's worker
+            # may keep them longer, and messages' archive and dead letters are kept
+            # until purged on purpose.
             removed = await self.backend.purge(
                 now - self.retention,
                 [status for status in TaskStatus if status in FINISHED_STATUSES],
                 PURGE_BATCH,
+                kind="task",
+                queues=self.queues,
             )
         except Exception:
-            logger.exception("could not prune finished jobs; will try again")
-            return
+            logger.exception("could not prune finished tasks; will try again")
+            return False
         if removed:
-            logger.info("pruned %d finished jobs older than %s", removed, self.retention)
+            logger.info("pruned %d finished tasks older than %s", removed, self.retention)
         if removed >= PURGE_BATCH:
-            # More are due: prune again at the next idle turn, between claims, rather
-            # than hold the write lock for the whole backlog at once.
+            # More are due: prune again at the next turn, after a claim, rather than
+            # hold the write lock for the whole backlog at once.
             self._last_prune = moment - PRUNE_EVERY.total_seconds()
+            return True
+        return False
 
     # -- running one task --------------------------------------------------------------
 
@@ -625,7 +633,7 @@ class Worker:
     def _log_outcome(self, running: _Running, outcome: Outcome, accepted: bool) -> None:
         reserved = running.reserved
         if isinstance(outcome, Finish):
-            event, detail = outcome.status.value, outcome.error or ""
+            event, detail = outcome.status.value, outcome.error
         else:
             event, detail = "retry", f"at {outcome.available_at.isoformat()}: {outcome.error}"
         if not accepted:
@@ -638,13 +646,13 @@ class Worker:
             return
         if logger.isEnabledFor(logging.INFO):
             logger.info(
-                "task %s id=%s queue=%s attempt=%d duration=%.3fs %s",
+                "task %s id=%s queue=%s attempt=%d duration=%.3fs%s",
                 event,
                 reserved.id,
                 reserved.queue,
                 reserved.attempts,
                 time.monotonic() - running.started,
-                detail,
+                "" if detail is None else f" {detail}",
             )
 
     # -- leases --------------------------------------------------------------------------

@@ -130,17 +130,27 @@ class TaskQuery:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Per-queue counts; ``scheduled`` are pending jobs not yet due."""
+    """Per-queue counts of stored statuses. ``scheduled`` are pending jobs not yet due;
+    ``expired`` are running jobs whose lease has run out (their worker or consumer is
+    gone or late, and the next claim takes them). ``oldest_pending_at`` is when the
+    longest-waiting claimable job became claimable: a due pending job's due time or an
+    expired job's lease end."""
 
     queue: str
     counts: dict[TaskStatus, int] = field(default_factory=dict)
     scheduled: int = 0
+    expired: int = 0
     oldest_pending_at: datetime | None = None
 
     @property
     def pending(self) -> int:
-        """Pending jobs that are due now (scheduled ones excluded)."""
-        return self.counts.get(TaskStatus.PENDING, 0) - self.scheduled
+        """Jobs a claim could take now: due pending ones and expired running ones."""
+        return self.counts.get(TaskStatus.PENDING, 0) - self.scheduled + self.expired
+
+    @property
+    def running(self) -> int:
+        """Running jobs whose lease still holds."""
+        return self.counts.get(TaskStatus.RUNNING, 0) - self.expired
 
 
 def task_from_row(row: Sequence[Any], moment: Callable[[Any], datetime]) -> Task:
@@ -171,16 +181,25 @@ def task_from_row(row: Sequence[Any], moment: Callable[[Any], datetime]) -> Task
 
 
 def stats_from_counts(
-    rows: Iterable[tuple[str, str, int, int | None, datetime | None]],
+    rows: Iterable[tuple[str, str, int, int | None, int | None, datetime | None]],
 ) -> list[QueueStats]:
-    """Fold ``(queue, status, count, scheduled, oldest due pending)`` rows, as a
-    ``GROUP BY queue, status`` query returns them, into one ``QueueStats`` per queue."""
+    """Fold ``(queue, status, count, scheduled, expired, oldest claimable)`` rows, as a
+    ``GROUP BY queue, status`` query returns them, into one ``QueueStats`` per queue.
+    ``scheduled`` counts pending jobs not yet due, ``expired`` running jobs past their
+    lease; ``oldest claimable`` is the earliest due time or lease end among the rest."""
     stats: dict[str, QueueStats] = {}
-    for queue, status, count, scheduled, oldest in rows:
+    for queue, status, count, scheduled, expired, oldest in rows:
         current = stats.setdefault(queue, QueueStats(queue=queue))
         current.counts[TaskStatus(status)] = count
-        if status == TaskStatus.PENDING.value:
-            stats[queue] = replace(current, scheduled=scheduled or 0, oldest_pending_at=oldest)
+        earliest = current.oldest_pending_at
+        if oldest is not None and (earliest is None or oldest < earliest):
+            earliest = oldest
+        stats[queue] = replace(
+            current,
+            scheduled=current.scheduled + (scheduled or 0),
+            expired=current.expired + (expired or 0),
+            oldest_pending_at=earliest,
+        )
     return [stats[name] for name in sorted(stats)]
 
 
@@ -287,6 +306,10 @@ class Backend(abc.ABC):
         finished_before: datetime,
         statuses: Sequence[TaskStatus],
         limit: int | None = None,
+        *,
+        kind: JobKind | None = None,
+        queues: tuple[str, ...] | None = None,
     ) -> int:
         """Delete jobs in ``statuses`` that finished before the given time, at most
-        ``limit`` of them (all when ``None``), in one transaction; count them."""
+        ``limit`` of them (all when ``None``), in one transaction; count them. Only
+        jobs of ``kind`` and in ``queues``, when given."""

@@ -244,7 +244,8 @@ class MemoryBackend(Backend):
             row.status = TaskStatus.PENDING
             row.available_at = now
             row.attempts = 0
-            row.finished_at = None
+            row.started_at = row.finished_at = None
+            row.result = None
             row.error = row.traceback = None
             row.cancel_requested = False
         self.wakeup.notify()
@@ -279,15 +280,27 @@ class MemoryBackend(Backend):
                 current = stats.get(name) or QueueStats(queue=name)
                 counts = dict(current.counts)
                 counts[row.status] = counts.get(row.status, 0) + 1
-                scheduled = current.scheduled
-                oldest = current.oldest_pending_at
+                scheduled, expired = current.scheduled, current.expired
+                claimable_since: datetime | None = None
                 if row.status is TaskStatus.PENDING:
                     if row.due_at() > now:
                         scheduled += 1
-                    elif oldest is None or row.due_at() < oldest:
-                        oldest = row.due_at()
+                    else:
+                        claimable_since = row.due_at()
+                elif row.status is TaskStatus.RUNNING:
+                    lease_end = row.lease_expires_at
+                    if lease_end is not None and lease_end <= now:
+                        expired += 1
+                        claimable_since = lease_end
+                oldest = current.oldest_pending_at
+                if claimable_since is not None and (oldest is None or claimable_since < oldest):
+                    oldest = claimable_since
                 stats[name] = replace(
-                    current, counts=counts, scheduled=scheduled, oldest_pending_at=oldest
+                    current,
+                    counts=counts,
+                    scheduled=scheduled,
+                    expired=expired,
+                    oldest_pending_at=oldest,
                 )
         return [stats[name] for name in sorted(stats)]
 
@@ -307,6 +320,9 @@ class MemoryBackend(Backend):
         finished_before: datetime,
         statuses: Sequence[TaskStatus],
         limit: int | None = None,
+        *,
+        kind: JobKind | None = None,
+        queues: tuple[str, ...] | None = None,
     ) -> int:
         wanted = set(statuses)
         with self._lock:
@@ -316,6 +332,8 @@ class MemoryBackend(Backend):
                 if row.status in wanted
                 and row.finished_at is not None
                 and row.finished_at < finished_before
+                and (kind is None or row.job.kind == kind)
+                and (queues is None or row.job.queue in queues)
             ][:limit]
             for job_id in doomed:
                 del self._rows[job_id]

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import random
 import threading
 import uuid
@@ -306,33 +307,54 @@ class PostgresBackend(Backend):
     async def migrate(self) -> int:
         """Create or upgrade the schema; safe to run from many processes at once.
 
-        Returns how many migrations this call applied (0 when already current).
+        Returns how many migrations this call applied (0 when already current). On a
+        backend not open in this event loop it connects for the call alone, so that a
+        deploy step can migrate without :meth:`open` (which migrates first itself).
         """
+        if asyncio.get_running_loop() not in self._loops:
+            applied = await self._migrate_on_own_connection()
+            self._migrated = True
+            return applied
+        return await self._transaction(self._apply_migrations)
 
-        async def work(conn: Conn) -> int:
-            # Serialises concurrent migrators (CREATE SCHEMA IF NOT EXISTS alone races);
-            # the lock is released at commit.
+    async def _migrate_on_own_connection(self) -> int:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, math.ceil(self.connect_timeout))
+            )
+        except psycopg.Error as exc:
+            raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with conn.transaction():
+                return await self._apply_migrations(conn)
+        except psycopg.Error as exc:
+            raise BackendError(f"PostgreSQL error: {exc}") from exc
+        finally:
+            await conn.close()
+
+    async def _apply_migrations(self, conn: Conn) -> int:
+        """Apply the migrations ``conn``'s transaction has not seen; count them."""
+        # Serialises concurrent migrators (CREATE SCHEMA IF NOT EXISTS alone races);
+        # the lock is released at commit.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))",
+            (_MIGRATION_LOCK_NAMESPACE + self.schema,),
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
+        await conn.execute(self._sql.migration_table)
+        cursor = await conn.execute(
+            f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
+        )
+        row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        pending = self._sql.migrations[current:]
+        for number, script in enumerate(pending, start=current + 1):
+            await conn.execute(script)
             await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                (_MIGRATION_LOCK_NAMESPACE + self.schema,),
+                f"INSERT INTO {self._sql.schema}.sitq_migrations (version) VALUES (%s)",
+                (number,),
             )
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
-            await conn.execute(self._sql.migration_table)
-            cursor = await conn.execute(
-                f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
-            )
-            row = await cursor.fetchone()
-            current = int(row[0]) if row else 0
-            pending = self._sql.migrations[current:]
-            for number, script in enumerate(pending, start=current + 1):
-                await conn.execute(script)
-                await conn.execute(
-                    f"INSERT INTO {self._sql.schema}.sitq_migrations (version) VALUES (%s)",
-                    (number,),
-                )
-            return len(pending)
-
-        return await self._transaction(work)
+        return len(pending)
 
     # -- connections, transactions, errors ------------------------------------------------
 
@@ -761,8 +783,8 @@ class PostgresBackend(Backend):
             return await cursor.fetchall()
 
         return stats_from_counts(
-            (queue, status, count, scheduled, utc(oldest))
-            for queue, status, count, scheduled, oldest in await self._read(work)
+            (queue, status, count, scheduled, expired, utc(oldest))
+            for queue, status, count, scheduled, expired, oldest in await self._read(work)
         )
 
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
@@ -784,6 +806,9 @@ class PostgresBackend(Backend):
         finished_before: datetime,
         statuses: Sequence[TaskStatus],
         limit: int | None = None,
+        *,
+        kind: JobKind | None = None,
+        queues: tuple[str, ...] | None = None,
     ) -> int:
         if not statuses:
             return 0
@@ -795,6 +820,8 @@ class PostgresBackend(Backend):
                     "before": finished_before,
                     "statuses": [status.value for status in statuses],
                     "limit": limit,
+                    "kind": kind,
+                    "queues": None if queues is None else list(queues),
                 },
             )
             return cursor.rowcount

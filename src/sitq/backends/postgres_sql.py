@@ -361,7 +361,7 @@ WHERE id = %(id)s AND series_id IS NOT NULL
 
 _REQUEUE = """
 UPDATE {schema}.sitq_jobs AS j SET status = 'pending', available_at = %(now)s,
-    scheduled_at = %(now)s, attempts = 0,
+    scheduled_at = %(now)s, attempts = 0, started_at = NULL,
     finished_at = NULL, error = NULL, traceback = NULL, result = NULL,
     cancel_requested = false,
     interval_us = CASE WHEN EXISTS (
@@ -398,7 +398,9 @@ SELECT least(
 _QUEUE_STATS = """
 SELECT queue, status, count(*),
     count(*) FILTER (WHERE status = 'pending' AND available_at > %(now)s),
-    min(available_at) FILTER (WHERE status = 'pending' AND available_at <= %(now)s)
+    count(*) FILTER (WHERE status = 'running' AND lease_expires_at <= %(now)s),
+    min(CASE WHEN status = 'pending' AND available_at <= %(now)s THEN available_at
+        WHEN status = 'running' AND lease_expires_at <= %(now)s THEN lease_expires_at END)
 FROM {schema}.sitq_jobs GROUP BY queue, status ORDER BY queue
 """
 
@@ -503,6 +505,8 @@ class Statements:
             purge=(
                 f"DELETE FROM {table} WHERE id = ANY(ARRAY(SELECT id FROM {table}"
                 " WHERE finished_at < %(before)s AND status = ANY(%(statuses)s)"
+                " AND (%(kind)s::text IS NULL OR kind = %(kind)s)"
+                " AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))"
                 " LIMIT %(limit)s))"
                 " AND finished_at < %(before)s AND status = ANY(%(statuses)s)"
             ),

@@ -624,7 +624,7 @@ class SQLiteBackend(Backend):
         def work(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
                 "UPDATE sitq_jobs SET status = 'pending', available_at = ?1, attempts = 0,"
-                " scheduled_at = ?1,"
+                " scheduled_at = ?1, started_at = NULL,"
                 " finished_at = NULL, error = NULL, traceback = NULL, result = NULL,"
                 " cancel_requested = 0,"
                 # A series that lives on gets this run once more, not a second series
@@ -682,15 +682,17 @@ class SQLiteBackend(Backend):
         rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT queue, status, count(*),"
-                " sum(status = 'pending' AND available_at > ?),"
-                " min(CASE WHEN status = 'pending' AND available_at <= ? THEN available_at END)"
-                " FROM sitq_jobs GROUP BY queue, status ORDER BY queue",
-                (moment, moment),
+                " sum(status = 'pending' AND available_at > :now),"
+                " sum(status = 'running' AND lease_expires_at <= :now),"
+                " min(CASE WHEN status = 'pending' AND available_at <= :now THEN available_at"
+                " WHEN status = 'running' AND lease_expires_at <= :now THEN lease_expires_at"
+                " END) FROM sitq_jobs GROUP BY queue, status ORDER BY queue",
+                {"now": moment},
             ).fetchall()
         )
         return stats_from_counts(
-            (queue, status, count, scheduled, _maybe_time(oldest))
-            for queue, status, count, scheduled, oldest in rows
+            (queue, status, count, scheduled, expired, _maybe_time(oldest))
+            for queue, status, count, scheduled, expired, oldest in rows
         )
 
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
@@ -728,18 +730,29 @@ class SQLiteBackend(Backend):
         finished_before: datetime,
         statuses: Sequence[TaskStatus],
         limit: int | None = None,
+        *,
+        kind: JobKind | None = None,
+        queues: tuple[str, ...] | None = None,
     ) -> int:
         if not statuses:
             return 0
-        marks = ", ".join("?" * len(statuses))
+        conditions = [f"status IN ({', '.join('?' * len(statuses))})"]
+        params: list[Any] = [status.value for status in statuses]
+        if kind is not None:
+            conditions.append("kind = ?")
+            params.append(kind)
+        if queues is not None:
+            conditions.append(f"queue IN ({', '.join('?' * len(queues))})")
+            params.extend(queues)
+        where = " AND ".join(conditions)
         return await self._write(
             lambda conn: (
                 conn.execute(
                     "DELETE FROM sitq_jobs WHERE rowid IN (SELECT rowid FROM sitq_jobs"
-                    f" WHERE finished_at < ? AND status IN ({marks}) LIMIT ?)",
+                    f" WHERE finished_at < ? AND {where} LIMIT ?)",
                     [
                         to_micros(finished_before),
-                        *(status.value for status in statuses),
+                        *params,
                         -1 if limit is None else limit,  # SQLite: a negative LIMIT is none
                     ],
                 ).rowcount

@@ -309,18 +309,22 @@ def migrate(backend_url: str | None) -> None:
     backend = open_backend(backend_url, must_exist=False)
     upgrade = getattr(backend, "migrate", None)
 
-    async def go() -> None:
+    async def go() -> int | None:
+        if upgrade is not None:
+            # Without open(), which would migrate first and leave nothing to count.
+            applied: int = await upgrade()
+            return applied
         try:
-            await backend.open()  # PostgreSQL already migrates here; SQLite too
-            if upgrade is not None:
-                await upgrade()
+            await backend.open()  # SQLite creates and upgrades its schema here
         finally:
             await backend.close()
+        return None
 
-    asyncio.run(go())
-    if upgrade is not None:
+    applied = asyncio.run(go())
+    if applied is not None:
         schema = getattr(backend, "schema", None)
-        click.echo(f"schema {schema} is up to date" if schema else "schema is up to date")
+        where = f"schema {schema}" if schema else "schema"
+        click.echo(f"applied {applied} migration(s); {where} is up to date")
     elif isinstance(backend, SQLiteBackend):
         click.echo(
             f"SQLite creates and upgrades its schema automatically on open; "

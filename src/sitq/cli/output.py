@@ -19,6 +19,7 @@ from sitq.backends.base import QueueStats
 from sitq.core import Task
 from sitq.json_payload import payload_or_bytes
 from sitq.metrics import metrics_from
+from sitq.scheduling import MAX_DURATION
 
 #: How much of a message's payload a table row shows.
 PAYLOAD_PREVIEW = 40
@@ -48,6 +49,10 @@ def parse_duration(text: str) -> timedelta:
             ) from None
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError(f"{text!r} is not a duration: it must be a finite, non-negative time")
+    # The API's limit, checked here so the error names the option (and before
+    # timedelta, which overflows from about 2.7 million years).
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is too long: at most {MAX_DURATION.days}d")
     return timedelta(seconds=seconds)
 
 

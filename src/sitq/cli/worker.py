@@ -35,7 +35,6 @@ import click
 from sitq.backends.base import Backend
 from sitq.cli.common import BACKEND_ENV, EXIT_USAGE, CliError, backend_option, open_backend
 from sitq.cli.output import configure_logging, parse_duration
-from sitq.core import TaskStatus
 from sitq.errors import ValidationError
 from sitq.worker import Worker
 
@@ -318,7 +317,7 @@ async def _serve(backend: Backend, settings: WorkerSettings) -> int:
 async def _due_count(worker: Worker, backend: Backend, settings: WorkerSettings) -> int:
     stats = await backend.queue_stats(worker.clock.now())
     return sum(
-        s.pending + s.counts.get(TaskStatus.RUNNING, 0)
+        s.pending + s.running
         for s in stats
         if settings.queues is None or s.queue in settings.queues
     )
