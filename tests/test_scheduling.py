@@ -764,6 +764,9 @@ async def test_timeout_must_be_positive(queue: TaskQueue) -> None:
     for bad in (0, -1, timedelta(0)):
         with pytest.raises(ValidationError, match="timeout"):
             await queue.enqueue(record, "x", timeout=bad)  # type: ignore[arg-type]
+    # Positive, but under the microsecond a timedelta can hold.
+    with pytest.raises(ValidationError, match="timeout must be at least 1 microsecond"):
+        await queue.enqueue(record, "x", timeout=1e-9)
     assert sum((await queue.counts()).values()) == 0
 
 
@@ -1123,6 +1126,24 @@ async def test_a_burst_prunes_before_it_ends(
     # A cron-style burst that finds nothing to run still prunes.
     assert await fake_worker(backend, clock, retention=timedelta(hours=1)).serve(burst=True) == 0
     assert await queue.get_task(old) is None
+
+
+async def test_a_series_run_with_no_slot_left_before_datetime_max_succeeds_and_ends(
+    backend: Backend,
+) -> None:
+    latest = datetime.max.replace(tzinfo=UTC)
+    clock = FakeClock(latest - timedelta(days=1, hours=12))
+    queue = TaskQueue(backend, clock=clock)
+    first = await queue.enqueue(record, "near the end", interval=timedelta(days=1))
+    assert await fake_worker(backend, clock).serve(burst=True) == 1
+    clock.advance(timedelta(days=1))
+    # This run's next slot would be past datetime.max: its outcome was recorded as a
+    # failure to record ("OverflowError: date value out of range").
+    assert await fake_worker(backend, clock).serve(burst=True) == 1
+    task = await queue.get_task(first)
+    assert task is not None and task.series_id is not None
+    runs = await series_of(queue, task.series_id)
+    assert [(run.status, run.error) for run in runs] == [(TaskStatus.SUCCESS, None)] * 2
 
 
 async def test_a_burst_prunes_the_whole_backlog_a_batch_at_a_time(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import Literal
 
 import pytest
 
-from sitq import Retry, RetryPolicy, ValidationError
+from sitq import FakeClock, Retry, RetryPolicy, ValidationError
 from sitq.scheduling import (
     MAX_DURATION,
     MAX_RETRIES,
@@ -343,3 +345,45 @@ def test_retry_rejects_a_bad_delay_when_raised(delay: object) -> None:
 def test_retry_delay_is_seconds() -> None:
     assert Retry(delay=5).delay == 5
     assert Retry().delay is None
+
+
+def test_the_last_slot_before_datetime_max_ends_the_series() -> None:
+    latest = datetime.max.replace(tzinfo=UTC)
+    last = latest - timedelta(hours=12)
+    assert next_interval_run(last - EVERY, EVERY, last - EVERY, last - EVERY) == last
+    assert next_interval_run(last, timedelta(days=1), last, last) is None
+
+
+# -- FakeClock ----------------------------------------------------------------------------
+
+
+class _CountedEvent(asyncio.Event):
+    """An event that counts how often it was waited on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    async def wait(self) -> Literal[True]:
+        self.waits += 1
+        return await super().wait()
+
+
+def test_a_fake_clock_shared_by_two_event_loops_sleeps_on_each() -> None:
+    clock = FakeClock(NOW)
+
+    async def sleep_until_woken() -> int:
+        wakeup = _CountedEvent()
+        sleeper = asyncio.create_task(clock.sleep_until(clock.now() + timedelta(days=1), wakeup))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not sleeper.done()
+        waits = wakeup.waits
+        wakeup.set()  # not the clock: what the first loop waited on stays as it was
+        await asyncio.wait_for(sleeper, 5)
+        return waits
+
+    # A sleeper waits once, until woken; on the second loop it used to find the first
+    # loop's event, fail at once and wait again, round after round (a busy loop).
+    assert asyncio.run(sleep_until_woken()) == 1
+    assert asyncio.run(sleep_until_woken()) == 1

@@ -36,12 +36,16 @@ class SystemClock:
 class FakeClock:
     """A clock that only moves when told to; sleepers wake when it passes their deadline.
 
-    Used by tests to run interval series and retry backoff without waiting.
+    Used by tests to run interval series and retry backoff without waiting. One clock
+    may serve several event loops (a clock shared by tests that each run their own
+    loop, or a sync client's loop thread): sleepers of each loop are woken on theirs.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2030, 1, 1, tzinfo=UTC)
-        self._moved = asyncio.Event()
+        # One event per loop: an asyncio.Event belongs to the loop that first waits on
+        # it, and waiting on it from another fails at once (a sleeper would spin).
+        self._moved: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
 
     def now(self) -> datetime:
         return self._now
@@ -49,12 +53,24 @@ class FakeClock:
     def advance(self, seconds: float | timedelta) -> None:
         step = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
         self._now += step
-        self._moved.set()
-        self._moved = asyncio.Event()
+        moved, self._moved = self._moved, {}
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, event in moved.items():
+            if loop is current:
+                event.set()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
 
     async def sleep_until(self, deadline: datetime, wakeup: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while self._now < deadline and not wakeup.is_set():
-            moved = asyncio.ensure_future(self._moved.wait())
+            event = self._moved.get(loop)
+            if event is None:
+                event = self._moved[loop] = asyncio.Event()
+            moved = asyncio.ensure_future(event.wait())
             woken = asyncio.ensure_future(wakeup.wait())
             try:
                 await asyncio.wait({moved, woken}, return_when=asyncio.FIRST_COMPLETED)

@@ -216,7 +216,8 @@ class TaskQueue:
         if timeout is not None:
             seconds = seconds_from(timeout, "timeout").total_seconds()
             if seconds <= 0:
-                raise ValidationError(f"timeout must be positive, got {timeout!r}")
+                # A float under a microsecond rounds to a zero timedelta.
+                raise ValidationError(f"timeout must be at least 1 microsecond, got {timeout!r}")
         now = self.clock.now()
         available_at = due_time(now, eta, delay)
         every = interval_from(interval)

@@ -93,7 +93,7 @@ def interval_from(value: object) -> timedelta | None:
 
 def next_interval_run(
     scheduled_at: datetime, interval: timedelta, now: datetime, started_at: datetime
-) -> datetime:
+) -> datetime | None:
     """The next slot of a recurring series after the run that was due at
     ``scheduled_at``, started at ``started_at`` and ended at ``now``.
 
@@ -103,10 +103,15 @@ def next_interval_run(
     that passed before the run started (it started late, say with no worker up) was
     served by that run, so the next is the first slot after ``now``: a late series
     does not run twice in a row.
+
+    ``None`` when that slot is past ``datetime.max``: the series has run its last.
     """
     elapsed = now - scheduled_at
-    slot = scheduled_at + max(1, math.floor(elapsed / interval)) * interval
-    return slot + interval if slot <= started_at else slot
+    try:
+        slot = scheduled_at + max(1, math.floor(elapsed / interval)) * interval
+        return slot + interval if slot <= started_at else slot
+    except OverflowError:
+        return None
 
 
 #: The most retries a task may have: its attempt count, one more, is stored in a

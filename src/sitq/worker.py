@@ -603,21 +603,22 @@ class Worker:
         reserved = running.reserved
         now = self.clock.now()
         next_run = None
-        if reserved.interval is not None and status is not TaskStatus.CANCELLED:
-            next_run = NewJob(
-                id=new_id(),
-                queue=reserved.queue,
-                kind=reserved.kind,
-                payload=reserved.payload,
-                enqueued_at=now,
-                available_at=next_interval_run(
-                    reserved.scheduled_at, reserved.interval, now, running.began
-                ),
-                priority=reserved.priority,
-                max_attempts=reserved.max_attempts,
-                interval=reserved.interval,
-                series_id=reserved.series_id,
-            )
+        interval = reserved.interval
+        if interval is not None and status is not TaskStatus.CANCELLED:
+            next_at = next_interval_run(reserved.scheduled_at, interval, now, running.began)
+            if next_at is not None:  # None: no slot left before datetime.max
+                next_run = NewJob(
+                    id=new_id(),
+                    queue=reserved.queue,
+                    kind=reserved.kind,
+                    payload=reserved.payload,
+                    enqueued_at=now,
+                    available_at=next_at,
+                    priority=reserved.priority,
+                    max_attempts=reserved.max_attempts,
+                    interval=interval,
+                    series_id=reserved.series_id,
+                )
         finish = Finish(
             reserved.id,
             self.name,
