@@ -36,3 +36,17 @@ def slow(started: str, seconds: float) -> str:
     Path(started).write_text(str(os.getpid()))
     time.sleep(seconds)
     return "slept"
+
+
+class Point:
+    """A result of a type the inspecting process must import to print."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __repr__(self) -> str:
+        return f"Point({self.x})"
+
+
+def point(x: int) -> Point:
+    return Point(x)

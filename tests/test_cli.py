@@ -16,6 +16,7 @@ import pty
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -287,7 +288,11 @@ def test_tasks_still_running_after_the_grace_period_are_handed_back(
 
 
 def test_burst_drains_the_backlog_showing_progress_and_json_logs(sqlite_store: Store) -> None:
-    ids = sqlite_store.clients[0].enqueue_many([(cli_tasks.add, (i, 1)) for i in range(30)])
+    # A queue name that reads like more fields: they are data, not parsed from text.
+    queue = "my queue attempt=7"
+    ids = sqlite_store.clients[0].enqueue_many(
+        [(cli_tasks.add, (i, 1)) for i in range(30)], queue=queue
+    )
     result = sitq(
         "worker",
         "--burst",
@@ -304,7 +309,7 @@ def test_burst_drains_the_backlog_showing_progress_and_json_logs(sqlite_store: S
     assert any("stopped: 30 tasks processed" in r["message"] for r in records)
     events = [r for r in records if r.get("event") == "success"]
     assert {r["task_id"] for r in events} == set(ids)
-    assert all(r["queue"] == "default" and r["attempt"] == 1 for r in events)
+    assert all(r["queue"] == queue and r["attempt"] == 1 for r in events)
     assert all(r["duration_seconds"] >= 0 and r["level"] == "info" for r in events)
     assert "concurrency=4" in next(r["message"] for r in records if "started:" in r["message"])
 
@@ -515,6 +520,13 @@ def test_migrate(store: Store, tmp_path: Path) -> None:
         (["worker", "-b", "memory://", "--retention", "9999999999d"], 2, "--retention"),
         (["tasks", "list", "--status", "lost", "-b", "sqlite:///{tmp}/x.db"], 2, "lost"),
         (["worker", "-b", "sqlite:///{tmp}/x.db", "-i", "no_such_module"], 2, "no_such_module"),
+        (["worker", "-b", "memory://", "-i", "cli_exits_on_import"], 2, "SystemExit"),
+        (["worker", "-b", "memory://", "--grace", "nan"], 2, "finite"),
+        (["worker", "-b", "memory://", "-q", ","], 2, "names no queue"),
+        # A name no backend can store (a lone surrogate) was an unexpected error, exit 3.
+        (["messages", "list", "--queue", "\udcff", "-b", "memory://"], 2, "--queue"),
+        (["queue", "metrics", "\udcff", "-b", "memory://"], 2, "NAME"),
+        (["tasks", "list", "--limit", str(2**40), "-b", "memory://"], 2, "--limit"),
         (["tasks", "list", "-b", "postgresql://postgres@127.0.0.1:1/x"], 3, "Connection refused"),
     ],
 )
@@ -597,6 +609,97 @@ def test_supervisor_forwards_a_second_signal(
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=5) == 128 + signal.SIGTERM
     assert sqlite_store.status(slow) is TaskStatus.RUNNING
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_worker_starts_exits_0(
+    sqlite_store: Store, workers: list[WorkerProcess], signum: int
+) -> None:
+    # Before the worker sets its handlers (here: importing a slow task module), SIGINT
+    # printed click's "Aborted!" and exited 1, SIGTERM killed it silently (143).
+    markers = sqlite_store.tmp / "importing"
+    markers.mkdir()
+    worker = WorkerProcess(
+        "--backend",
+        sqlite_store.url,
+        "--import",
+        "cli_slow_import",
+        env=_env(SITQ_TEST_IMPORT_MARKERS=str(markers)),
+    )
+    workers.append(worker)
+    wait_for(lambda: any(markers.iterdir()), "the worker to be importing")
+    worker.signal(signum)
+    assert worker.wait() == 0, worker.stderr
+    assert f"{signal.Signals(signum).name} received before the worker started" in worker.stderr
+
+
+def test_a_signal_while_the_supervisors_workers_start_stops_them_all_cleanly(
+    sqlite_store: Store, workers: list[WorkerProcess]
+) -> None:
+    markers = sqlite_store.tmp / "importing"
+    markers.mkdir()
+    worker = WorkerProcess(
+        "--backend",
+        sqlite_store.url,
+        "--import",
+        "cli_slow_import",
+        "--processes",
+        "3",
+        env=_env(SITQ_TEST_IMPORT_MARKERS=str(markers), SITQ_TEST_SLOW_IN_CHILDREN="1"),
+    )
+    workers.append(worker)
+    wait_for(lambda: len(list(markers.iterdir())) == 3, "the worker processes to be importing")
+    # Ctrl-C: forwarded to children still starting, it failed them with exit 1.
+    worker.signal(signal.SIGINT)
+    assert worker.wait() == 0, worker.stderr
+    assert worker.stderr.count("SIGTERM received before the worker started") == 3
+
+
+def test_inspecting_an_sqlite_database_of_something_else_leaves_it_alone(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+    result = sitq("queues", "-b", f"sqlite:///{other}")
+    assert result.returncode == 1
+    assert "without sitq's tables" in result.stderr
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+    assert (tables, mode) == ({"users"}, "delete"), "inspection turned it into a sitq database"
+
+
+def test_show_prints_a_result_of_a_type_from_the_current_directory(sqlite_store: Store) -> None:
+    task_id = sqlite_store.clients[0].enqueue(cli_tasks.point, 3)
+    ran = sitq("worker", "-b", sqlite_store.url, "--burst", "-i", "cli_tasks")
+    assert ran.returncode == 0, ran.stderr
+    # The console script, not `python -m`: only the latter put the current directory
+    # on sys.path by itself.
+    script = Path(sys.executable).parent / "sitq"
+    shown = subprocess.run(
+        [str(script), "tasks", "show", task_id, "--result", "-b", sqlite_store.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=TESTS_DIR,
+        env=_env(),
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "Point(3)" in shown.stdout, shown.stdout
+
+
+def test_postgres_urls_take_any_case_of_scheme_and_their_own_connect_timeout(
+    pg_schema: str,
+) -> None:
+    url = POSTGRES_DSN.replace("postgresql://", "PostgreSQL://", 1)
+    assert url != POSTGRES_DSN
+    migrated = sitq("migrate", "-b", f"{url}?schema={pg_schema}")
+    assert migrated.returncode == 0, migrated.stderr
+    # A bad connect_timeout of the URL's own: the server's words at once, not a
+    # 10-second wait for the pool (the check used to override it with its own).
+    bad = sitq("queues", "-b", f"{POSTGRES_DSN}?connect_timeout=abc&schema={pg_schema}")
+    assert bad.returncode == 3
+    assert "connect_timeout" in bad.stderr
 
 
 def test_a_file_that_is_not_a_database_is_one_line_exit_3(tmp_path: Path) -> None:

@@ -42,6 +42,11 @@ from sitq.validation import INT32_MAX, int_in_range, storable_text
 
 logger = logging.getLogger("sitq.worker")
 
+#: The attribute of a task event's log record that holds its fields as a dict (event,
+#: task_id, queue, attempt, and duration_seconds for outcomes), for formatters that
+#: want them as data rather than parsed back out of the message (the CLI's JSON logs).
+TASK_FIELDS = "sitq_task"
+
 #: How often a worker prunes finished tasks older than its ``retention``, a batch of
 #: ``PURGE_BATCH`` per turn of its loop (a full batch prunes again at the next turn).
 PRUNE_EVERY = timedelta(minutes=1)
@@ -407,6 +412,7 @@ class Worker:
                 reserved.id,
                 reserved.queue,
                 reserved.attempts,
+                extra=_task_fields("started", reserved),
             )
         if call.timeout is not None or inspect.iscoroutinefunction(call.func):
             running.future = asyncio.create_task(self._execute(running, call))
@@ -643,17 +649,20 @@ class Worker:
                 "this outcome was discarded",
                 event,
                 reserved.id,
+                extra=_task_fields(event, reserved),
             )
             return
         if logger.isEnabledFor(logging.INFO):
+            duration = time.monotonic() - running.started
             logger.info(
                 "task %s id=%s queue=%s attempt=%d duration=%.3fs%s",
                 event,
                 reserved.id,
                 reserved.queue,
                 reserved.attempts,
-                time.monotonic() - running.started,
+                duration,
                 "" if detail is None else f" {detail}",
+                extra=_task_fields(event, reserved, duration),
             )
 
     # -- leases --------------------------------------------------------------------------
@@ -721,3 +730,17 @@ def _storable(text: str) -> str:
     if text.isascii():
         return text.replace("\x00", "\\x00")
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _task_fields(
+    event: str, reserved: ReservedTask, duration: float | None = None
+) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "event": event,
+        "task_id": reserved.id,
+        "queue": reserved.queue,
+        "attempt": reserved.attempts,
+    }
+    if duration is not None:
+        fields["duration_seconds"] = round(duration, 3)
+    return {TASK_FIELDS: fields}

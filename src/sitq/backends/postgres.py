@@ -46,6 +46,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from sitq.backends.base import (
@@ -121,6 +122,14 @@ def _split_schema(dsn: str) -> tuple[str, str | None]:
         raise ValidationError(f"the URL gives schema= more than once: {schemas}")
     query = "&".join(field for field in fields if not field.startswith("schema="))
     return urlunsplit(parts._replace(query=query)), schemas[0]
+
+
+def with_connect_timeout(dsn: str, seconds: float) -> str:
+    """``dsn`` with libpq's ``connect_timeout`` (whole seconds, at least 1) unless it
+    sets its own: without one, a connection attempt to a silent host waits for ever."""
+    if "connect_timeout" in conninfo_to_dict(dsn):
+        return dsn
+    return make_conninfo(dsn, connect_timeout=max(1, math.ceil(seconds)))
 
 
 class PostgresBackend(Backend):
@@ -318,10 +327,9 @@ class PostgresBackend(Backend):
         return await self._transaction(self._apply_migrations)
 
     async def _migrate_on_own_connection(self) -> int:
+        dsn = with_connect_timeout(self.dsn, self.connect_timeout)
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, connect_timeout=max(1, math.ceil(self.connect_timeout))
-            )
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         except psycopg.Error as exc:
             raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:

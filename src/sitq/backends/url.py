@@ -16,6 +16,8 @@ def backend_from_url(url: str) -> Backend:
             f"backend URL must look like sqlite:///path.db or postgresql://host/db, got {url!r}"
         )
     scheme = urlsplit(url).scheme.lower()
+    # Schemes are case-insensitive (RFC 3986); libpq takes only lower case.
+    url = scheme + url[len(scheme) :]
     if scheme == "sqlite":
         from sitq.backends.sqlite import SQLiteBackend
 

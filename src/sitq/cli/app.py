@@ -22,7 +22,9 @@ from sitq.cli.common import (
     EXIT_USAGE,
     CliError,
     backend_option,
+    checked_queue_name,
     json_option,
+    limit_option,
     open_backend,
     with_queue,
 )
@@ -52,6 +54,11 @@ def cli() -> None:
     1 not found, 2 usage error, 3 database error, 4 not allowed in the task's state.
     """
     output.quiet_logging()  # `sitq worker` sets up its own logging
+    # Like `python -m sitq.cli`: modules in the current directory import, for a
+    # worker's task modules and for results of types defined there (`tasks show`).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 # -- tasks -------------------------------------------------------------------------
@@ -65,8 +72,8 @@ def tasks() -> None:
 @tasks.command("list")
 @backend_option
 @click.option("--status", type=STATUS_CHOICE, help="Only tasks in this status.")
-@click.option("--queue", help="Only tasks in this queue.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--queue", callback=checked_queue_name, help="Only tasks in this queue.")
+@limit_option
 @json_option
 def tasks_list(
     backend_url: str | None, status: str | None, queue: str | None, limit: int, as_json: bool
@@ -197,7 +204,7 @@ def queue_group() -> None:
 
 @queue_group.command("metrics")
 @backend_option
-@click.argument("name")
+@click.argument("name", callback=checked_queue_name)
 @json_option
 def queue_metrics(backend_url: str | None, name: str, as_json: bool) -> None:
     """Counts, scheduled backlog, oldest pending age and next due time of one queue.
@@ -233,9 +240,9 @@ def messages() -> None:
 
 @messages.command("list")
 @backend_option
-@click.option("--queue", help="Only messages in this queue.")
+@click.option("--queue", callback=checked_queue_name, help="Only messages in this queue.")
 @click.option("--status", type=STATUS_CHOICE, help="Only messages in this status.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@limit_option
 @json_option
 def messages_list(
     backend_url: str | None, queue: str | None, status: str | None, limit: int, as_json: bool
@@ -281,7 +288,8 @@ def purge(
 ) -> None:
     """Delete finished jobs, one status at a time and in batches, reporting each batch
     on stderr."""
-    wanted = [TaskStatus(s) for s in statuses] if statuses else list(PURGEABLE)
+    # dict.fromkeys: each status once, in the order given.
+    wanted = list(dict.fromkeys(TaskStatus(s) for s in statuses)) if statuses else list(PURGEABLE)
 
     async def work(queue: TaskQueue) -> dict[str, int]:
         removed: dict[str, int] = {}

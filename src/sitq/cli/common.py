@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -14,7 +17,8 @@ from sitq.backends.base import Backend
 from sitq.backends.sqlite import SQLiteBackend
 from sitq.backends.url import backend_from_url
 from sitq.errors import ValidationError
-from sitq.queue import TaskQueue
+from sitq.queue import TaskQueue, queue_name
+from sitq.validation import INT32_MAX
 
 T = TypeVar("T")
 
@@ -49,6 +53,21 @@ backend_option = click.option(
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
+limit_option = click.option(
+    "--limit", type=click.IntRange(min=1, max=INT32_MAX), default=50, show_default=True
+)
+
+
+def checked_queue_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: a queue name the API accepts, or a usage error naming the
+    option (a name no backend can store, say, was an unexpected error, exit 3)."""
+    if value is None:
+        return None
+    try:
+        return queue_name(value)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
 
 def open_backend(url: str | None, *, must_exist: bool) -> Backend:
     """The backend ``url`` names, checked enough to fail with one clear line.
@@ -75,6 +94,12 @@ def open_backend(url: str | None, *, must_exist: bool) -> Backend:
                 f"database {backend.path} does not exist (a worker or `sitq migrate` creates it)",
                 EXIT_NOT_FOUND,
             )
+        if must_exist and not _holds_sitq_tables(backend.path):
+            raise CliError(
+                f"{backend.path} is an SQLite database without sitq's tables "
+                "(a worker or `sitq migrate` creates them)",
+                EXIT_NOT_FOUND,
+            )
     if urlsplit(url).scheme.lower() in {"postgres", "postgresql"}:
         schema: str = getattr(backend, "schema", "sitq")
         if not _check_postgres(getattr(backend, "dsn", url), schema) and must_exist:
@@ -86,14 +111,31 @@ def open_backend(url: str | None, *, must_exist: bool) -> Backend:
     return backend
 
 
+def _holds_sitq_tables(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` has sitq's jobs table, looked up read-only:
+    opening it as a backend would create the tables (and switch it to WAL), turning
+    any database a typo names into a sitq one. ``True`` for what is not an SQLite
+    database at all: the backend reports that, as it does for a worker."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sitq_jobs'"
+            ).fetchone()
+    except sqlite3.DatabaseError:
+        return True
+    return row is not None
+
+
 def _check_postgres(dsn: str, schema: str) -> bool:
     """Connect once, so a wrong host or database fails at once with the server's words
     (the backend's pool retries quietly until its timeout). Returns whether sitq's
     tables exist in ``schema``."""
     import psycopg
 
+    from sitq.backends.postgres import with_connect_timeout
+
     try:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
+        with psycopg.connect(with_connect_timeout(dsn, 10)) as conn:
             row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".sitq_jobs',)).fetchone()
     except psycopg.Error as exc:
         text = " ".join(str(exc).split())

@@ -20,6 +20,7 @@ from sitq.core import Task
 from sitq.json_payload import payload_or_bytes
 from sitq.metrics import metrics_from
 from sitq.scheduling import MAX_DURATION
+from sitq.worker import TASK_FIELDS
 
 #: How much of a message's payload a table row shows.
 PAYLOAD_PREVIEW = 40
@@ -309,12 +310,6 @@ def metrics_text(metrics: Mapping[str, Any]) -> str:
 
 # -- logging ---------------------------------------------------------------------------
 
-_TASK_EVENT = re.compile(
-    r"^task (?P<event>\w+) id=(?P<task_id>\S+)"
-    r"(?: queue=(?P<queue>\S+))?(?: attempt=(?P<attempt>\d+))?"
-    r"(?: duration=(?P<duration>[\d.]+)s)?"
-)
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; task events also carry their fields as keys."""
@@ -328,16 +323,9 @@ class JsonFormatter(logging.Formatter):
             "message": message,
             "pid": record.process,
         }
-        match = _TASK_EVENT.match(message)
-        if match:
-            data["event"] = match["event"]
-            data["task_id"] = match["task_id"]
-            if match["queue"] is not None:
-                data["queue"] = match["queue"]
-            if match["attempt"] is not None:
-                data["attempt"] = int(match["attempt"])
-            if match["duration"] is not None:
-                data["duration_seconds"] = float(match["duration"])
+        fields = getattr(record, TASK_FIELDS, None)
+        if isinstance(fields, dict):
+            data.update(fields)
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)

@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,6 +43,8 @@ logger = logging.getLogger("sitq.cli")
 
 #: A child of ``--processes`` watches this pid and stops when its supervisor is gone.
 SUPERVISOR_ENV = "SITQ_SUPERVISOR_PID"
+#: How long an exiting worker waits for its idle task threads to end.
+IDLE_THREAD_EXIT_SECONDS = 1.0
 #: A worker process that dies sooner than this after starting is not restarted.
 RESTART_AFTER_SECONDS = 5.0
 
@@ -66,6 +69,13 @@ def _retention(text: str) -> timedelta | None:
     if text.strip().lower() in {"never", "forever", "none"}:
         return None
     return parse_duration(text)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A click callback: FloatRange lets nan through (every comparison with it is false)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx, param)
+    return value
 
 
 def _split(values: Sequence[str]) -> list[str]:
@@ -113,6 +123,7 @@ def _split(values: Sequence[str]) -> list[str]:
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
+    callback=_finite,
     default=30.0,
     show_default=True,
     envvar="SITQ_GRACE",
@@ -153,7 +164,12 @@ def _split(values: Sequence[str]) -> list[str]:
     show_envvar=True,
     help="Module defining task functions to import first (repeatable).",
 )
-@click.option("--name", envvar="SITQ_WORKER_NAME", help="Worker name (default host:pid:id).")
+@click.option(
+    "--name",
+    envvar="SITQ_WORKER_NAME",
+    show_envvar=True,
+    help="Worker name (default host:pid:id).",
+)
 @click.option(
     "--log-level",
     default="INFO",
@@ -187,43 +203,76 @@ def worker_command(
     log_format: str,
 ) -> None:
     """Run tasks until SIGTERM or SIGINT (a second signal exits at once)."""
+    with _stop_before_start():
+        try:
+            kept = _retention(retention)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--retention") from None
+        configure_logging(log_level, log_format)
+        backend = open_backend(backend_url, must_exist=False)
+        assert backend_url is not None  # open_backend refused a missing URL
+        served = tuple(_split(queues))
+        if queues and not served:
+            # `-q ''` (an unset variable in a script, say) served every queue.
+            raise click.BadParameter("names no queue", param_hint="--queues")
+        settings = WorkerSettings(
+            backend_url=backend_url,
+            queues=served or None,
+            concurrency=concurrency,
+            poll_interval=poll_interval,
+            visibility_timeout=visibility_timeout,
+            grace=grace,
+            burst=burst,
+            retention=kept,
+            imports=tuple(_split(imports)),
+            name=name,
+            log_level=log_level,
+            log_format=log_format,
+        )
+        _import_task_modules(settings.imports)
+        if processes > 1:
+            sys.exit(_supervise(processes, settings))
+        code = asyncio.run(_serve(backend, settings))
+        _exit_abandoning_threads(code)
+
+
+#: The signals that stop a worker: the first gracefully, a second at once.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StoppedBeforeStart(BaseException):
+    """A first SIGINT or SIGTERM that came before the worker's own handlers were set."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+def _raise_stopped_before_start(signum: int, frame: object) -> None:
+    raise _StoppedBeforeStart(signum)
+
+
+@contextlib.contextmanager
+def _stop_before_start() -> Iterator[None]:
+    """Until the worker sets its own handlers (after imports and connecting), a first
+    signal means "stop before starting": exit 0 as documented, not click's "Aborted!"
+    (SIGINT) or death by SIGTERM."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped_before_start)
     try:
-        kept = _retention(retention)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--retention") from None
-    configure_logging(log_level, log_format)
-    backend = open_backend(backend_url, must_exist=False)
-    assert backend_url is not None  # open_backend refused a missing URL
-    settings = WorkerSettings(
-        backend_url=backend_url,
-        queues=tuple(_split(queues)) or None,
-        concurrency=concurrency,
-        poll_interval=poll_interval,
-        visibility_timeout=visibility_timeout,
-        grace=grace,
-        burst=burst,
-        retention=kept,
-        imports=tuple(_split(imports)),
-        name=name,
-        log_level=log_level,
-        log_format=log_format,
-    )
-    _import_task_modules(settings.imports)
-    if processes > 1:
-        sys.exit(_supervise(processes, settings))
-    code = asyncio.run(_serve(backend, settings))
-    _exit_abandoning_threads(code)
+        yield
+    except _StoppedBeforeStart as stopped:
+        logger.info("%s received before the worker started: exiting", stopped.signal_name)
+        _flush()
+        sys.exit(0)
 
 
 def _import_task_modules(modules: Sequence[str]) -> None:
-    # Like `python -m`: task modules next to where the worker was started import.
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+    # The current directory is on sys.path (see sitq.cli.app.cli).
     for module in modules:
         try:
             importlib.import_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise CliError(
                 f"cannot import task module {module!r}: {type(exc).__name__}: {exc}",
                 EXIT_USAGE,
@@ -269,7 +318,7 @@ async def _serve(backend: Backend, settings: WorkerSettings) -> int:
         _flush()
         os._exit(128 + signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
 
     await backend.open()
@@ -361,7 +410,13 @@ def _flush() -> None:
 
 def _exit_abandoning_threads(code: int) -> None:
     """Exit; sync tasks abandoned after the grace period must not hold the process."""
-    stuck = [t for t in threading.enumerate() if t.name.startswith("sitq-task") and t.is_alive()]
+    threads = [t for t in threading.enumerate() if t.name.startswith("sitq-task")]
+    # Idle threads were told to exit when the worker stopped, but may not have yet:
+    # give them a moment, so that only threads still running a task count as stuck.
+    deadline = time.monotonic() + IDLE_THREAD_EXIT_SECONDS
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threads if t.is_alive()]
     if stuck:
         logger.warning("exiting with %d abandoned task threads still running", len(stuck))
         _flush()
@@ -397,17 +452,33 @@ def _supervise(count: int, settings: WorkerSettings) -> int:
     env = dict(os.environ, **{BACKEND_ENV: settings.backend_url, SUPERVISOR_ENV: str(os.getpid())})
     received: list[int] = []
     children: dict[int, tuple[int, subprocess.Popen[bytes], float]] = {}
+    forwarded: dict[int, int] = {}  # pid -> how many of the signals received it was sent
+
+    def deliver(proc: subprocess.Popen[bytes]) -> None:
+        # Always SIGTERM: a child still starting Python dies of it quietly (an exit the
+        # loop below counts as clean), where SIGINT would fail its start with 1.
+        while forwarded.get(proc.pid, 0) < len(received):
+            forwarded[proc.pid] = forwarded.get(proc.pid, 0) + 1
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     def spawn(index: int) -> None:
         # Own session: a terminal's Ctrl-C reaches only us, and we forward it once.
         proc = subprocess.Popen(_child_command(settings, index), env=env, start_new_session=True)
-        children[proc.pid] = (index, proc, time.monotonic())
+        # A signal that came during Popen found no child to send to: send it now.
+        # Blocked meanwhile, so a signal now waits until the child is known, and is
+        # sent once.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            children[proc.pid] = (index, proc, time.monotonic())
+            deliver(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
-        for _, proc, _ in children.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+        for _, proc, _ in list(children.values()):
+            deliver(proc)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -424,7 +495,7 @@ def _supervise(count: int, settings: WorkerSettings) -> int:
         code = os.waitstatus_to_exitcode(status)
         proc.returncode = code
         if received:
-            if code == -received[0]:  # stopped by our signal before its handlers were set
+            if code == -signal.SIGTERM:  # stopped by our signal before its handlers were set
                 code = 0
             worst = max(worst, abs(code) if code < 0 else code)
             continue
