@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from helpers import wait_until
 from sitq import (
     BackendError,
     MemoryBackend,
+    Producer,
     Result,
     ResultTimeoutError,
     RetryPolicy,
@@ -42,6 +44,7 @@ from sitq import (
 from sitq.backends.base import Backend
 from sitq.queue import new_id
 from sitq.serialization import DEFAULT_SERIALIZER
+from sitq.worker import MAX_ERROR_CHARS
 
 # -- task functions and the state they share with the tests ------------------------------
 # They are module-level so cloudpickle stores them by reference: the worker (in this
@@ -577,6 +580,136 @@ async def test_what_escaped_the_task_before_is_its_failure_now(
     assert result.error is not None and result.error.startswith(error)
     ok = await queue.get_result(ok_id, timeout=10)
     assert ok is not None and ok.status == "success"
+
+
+class _StrResults:
+    """Loads calls as the default serializer does, but returns results as str."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return repr(obj)  # type: ignore[return-value]
+
+    def loads(self, data: bytes) -> Any:
+        return DEFAULT_SERIALIZER.loads(data)
+
+
+class _UnreadableNotesError(Exception):
+    """The first read of its notes (traceback.format_exception reads them) raises.
+    Only the first, so that logging can format it afterwards, under pytest too."""
+
+    read = False
+
+    @property
+    def __notes__(self) -> list[str]:
+        if not self.read:
+            self.read = True
+            raise ValueError("the notes cannot be read")
+        return []
+
+
+def _raise_unreadable_notes() -> None:
+    raise _UnreadableNotesError("cannot load this argument")
+
+
+class _LoadsBadly:
+    """Pickles fine; unpickling raises an exception that cannot be formatted."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise_unreadable_notes, ())
+
+
+def text_of(length: int) -> str:
+    return "x" * length
+
+
+def raise_long(length: int) -> None:
+    raise RuntimeError("y" * length)
+
+
+async def test_a_result_a_serializer_did_not_make_bytes_of_fails_the_task(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    # It was stored as str (SQLite: read back as a TypeError), as NULs for an int,
+    # or refused by PostgreSQL at every settle, which wedged the worker.
+    task_id = await queue.enqueue(add, 1, 2)
+    ok_id = await queue.enqueue(add, 2, 2, queue="other")
+    assert await Worker(backend, serializer=_StrResults(), queues=["default"]).serve(burst=True)
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "failed"
+    assert "the serializer's dumps returned str, not bytes" in (result.error or "")
+    with pytest.raises(SerializationError, match="returned str, not bytes"):
+        await TaskQueue(backend, serializer=_StrResults()).enqueue_call(add, args=(1, 1))
+    assert await Worker(backend).serve(burst=True) == 1
+    ok = await queue.get_result(ok_id, timeout=0)
+    assert ok is not None and queue.deserialize_result(ok) == 4
+
+
+async def test_payloads_past_the_size_limit_are_refused_results_fail(
+    backend: Backend, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sitq.serialization
+
+    monkeypatch.setattr(sitq.serialization, "MAX_PAYLOAD_BYTES", 2_000)
+    with pytest.raises(SerializationError, match="over sitq's limit of 2,000"):
+        await queue.enqueue(text_of, "x" * 5_000)
+    with pytest.raises(SerializationError, match="over sitq's limit"):
+        await Producer(backend, "jobs").enqueue({"text": "x" * 5_000})
+    assert sum((await queue.counts()).values()) == 0
+    big = await queue.enqueue(text_of, 5_000)
+    assert await Worker(backend).serve(burst=True) == 1
+    result = await queue.get_result(big, timeout=0)
+    assert result is not None and result.status == "failed"
+    assert "the result is 5,0" in (result.error or "") and "store large data elsewhere" in (
+        result.error or ""
+    )
+
+
+async def test_an_argument_whose_loading_error_cannot_be_formatted_fails_the_task(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    # Formatting the error raised out of the worker's loop: serve() raised and the
+    # task stayed running, taking down every worker in turn.
+    task_id = await queue.enqueue(add, _LoadsBadly(), 1)
+    ok_id = await queue.enqueue(add, 1, 1)
+    assert await Worker(backend).serve(burst=True) == 2
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "failed"
+    assert "the notes cannot be read" in (result.error or "")
+    ok = await queue.get_result(ok_id, timeout=0)
+    assert ok is not None and ok.status == "success"
+
+
+async def test_a_long_error_is_kept_by_its_start_and_end(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    task_id = await queue.enqueue(raise_long, 3 * MAX_ERROR_CHARS)
+    assert await Worker(backend).serve(burst=True) == 1
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.error is not None and result.traceback is not None
+    assert result.error.startswith("RuntimeError: yyy") and result.error.endswith("yyy")
+    assert "characters cut ...]" in result.error
+    assert len(result.error) < MAX_ERROR_CHARS + 100
+    assert len(result.traceback) < MAX_ERROR_CHARS + 100
+
+
+async def test_an_outcome_the_storage_refuses_fails_alone_and_the_others_are_recorded(
+    tmp_path: Path,
+) -> None:
+    # A real refusal: SQLite's limit on a value's length, lowered for the test from
+    # 1 GB (a result past it wedged the worker, retrying the settle for ever).
+    backend = SQLiteBackend(tmp_path / "limited.db")
+    async with TaskQueue(backend) as queue:
+        backend._connection().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 20_000)
+        big = await queue.enqueue(text_of, 50_000)
+        small = [await queue.enqueue(add, n, 1) for n in range(3)]
+        # Four slots: the four outcomes are settled together, and that settle fails.
+        assert await Worker(backend, max_concurrency=4).serve(burst=True) == 4
+        refused = await queue.get_result(big, timeout=0)
+        assert refused is not None and refused.status == "failed"
+        assert "could not store this task's outcome" in (refused.error or "")
+        assert "too big" in (refused.error or "")
+        for number, task_id in enumerate(small):
+            result = await queue.get_result(task_id, timeout=0)
+            assert result is not None and queue.deserialize_result(result) == number + 1
 
 
 def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from sitq.errors import SerializationError
-from sitq.serialization import JsonSerializer
+from sitq.serialization import JsonSerializer, stored_bytes
 
 JSON = JsonSerializer()
 
@@ -25,7 +25,7 @@ def encode_payload(payload: Any) -> bytes:
     in the consumer, so they are rejected here rather than surprising it there.
     """
     _check_json(payload, "payload", 0)
-    return JSON.dumps(payload)
+    return stored_bytes(JSON.dumps(payload), "the payload")
 
 
 def payload_or_bytes(data: bytes | None) -> Any:

@@ -25,6 +25,30 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+#: The most bytes sitq stores for one task call, result or message payload. Past
+#: about 512 MiB PostgreSQL can store a bytea it cannot send back (it goes out as
+#: hex text, twice the size, over its 1 GiB limit), and SQLite rewrites a job's whole
+#: row at each lease renewal: a worker renewing a 100 MB task's lease blocked its
+#: loop for 0.6 s. Data that large belongs elsewhere, passed by reference.
+MAX_PAYLOAD_BYTES = 64 * 2**20
+
+
+def stored_bytes(data: object, what: str) -> bytes:
+    """What a serializer's ``dumps`` returned for ``what``, if sitq can store it:
+    ``bytes`` (a custom serializer's str or int was stored as something else, or
+    refused, depending on the backend) of at most ``MAX_PAYLOAD_BYTES``."""
+    if not isinstance(data, bytes):
+        raise SerializationError(
+            f"{what}: the serializer's dumps returned {type(data).__name__}, not bytes"
+        )
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise SerializationError(
+            f"{what} is {len(data):,} bytes serialized, over sitq's limit of "
+            f"{MAX_PAYLOAD_BYTES:,}: store large data elsewhere and pass a reference"
+        )
+    return data
+
+
 def checked(serializer: object) -> Serializer:
     """``serializer`` if it has the Serializer methods; ValidationError if not."""
     if not isinstance(serializer, Serializer):

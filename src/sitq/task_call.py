@@ -13,7 +13,7 @@ from typing import Any
 
 from sitq.errors import SerializationError
 from sitq.scheduling import RetryPolicy
-from sitq.serialization import Serializer
+from sitq.serialization import Serializer, stored_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class TaskCall:
             ),
         }
         try:
-            return serializer.dumps(envelope)
+            return stored_bytes(serializer.dumps(envelope), "the call")
         except SerializationError as exc:
             raise SerializationError(
                 f"cannot enqueue {_name(self.func)}: its function or arguments cannot be "

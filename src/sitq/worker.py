@@ -20,7 +20,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,7 +35,7 @@ from sitq.errors import (
 )
 from sitq.queue import PURGE_BATCH, new_id, queue_name
 from sitq.scheduling import next_interval_run, seconds_from
-from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked
+from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked, stored_bytes
 from sitq.task_call import TaskCall
 from sitq.thread_runner import ThreadRunner
 from sitq.validation import INT32_MAX, int_in_range, storable_text
@@ -50,6 +50,10 @@ TASK_FIELDS = "sitq_task"
 #: How often a worker prunes finished tasks older than its ``retention``, a batch of
 #: ``PURGE_BATCH`` per turn of its loop (a full batch prunes again at the next turn).
 PRUNE_EVERY = timedelta(minutes=1)
+
+#: The most characters of a failure's error text, and of its traceback, that are kept
+#: (the start and the end of a longer one).
+MAX_ERROR_CHARS = 2**20
 
 #: How many runs of a task may be lost with their worker (killed, or stalled past its
 #: lease) beyond its retries before it fails instead of starting again. A lost run
@@ -287,13 +291,43 @@ class Worker:
             settled = await self.backend.settle([outcome for outcome, _ in outcomes], claim)
         except Exception:
             logger.exception("could not record outcomes or claim tasks; will try again")
+            if outcomes:
+                outcomes = await self._settle_one_by_one(outcomes)
             self._outcomes[:0] = outcomes
-            if claim is None:
+            if claim is None and outcomes:
                 await asyncio.sleep(self.poll_interval)
             return None
         for (outcome, running), accepted in zip(outcomes, settled.accepted, strict=True):
             self._log_outcome(running, outcome, accepted)
         return settled.claimed
+
+    async def _settle_one_by_one(
+        self, outcomes: list[tuple[Outcome, _Running]]
+    ) -> list[tuple[Outcome, _Running]]:
+        """After a failed settle, record each outcome on its own, so that one the
+        storage refuses every time (a value it cannot take, a row past its size limit)
+        does not hold up the rest for ever: that one is recorded as a failure saying
+        why, without its result, error text or traceback. Returns what is still
+        unrecorded: all of it from the first outcome whose plain failure could not be
+        recorded either (the storage itself is failing; retried later as a whole).
+        """
+        for index, (outcome, running) in enumerate(outcomes):
+            try:
+                (accepted,) = (await self.backend.settle([outcome], None)).accepted
+            except Exception as exc:
+                refused = _refused(outcome, exc)
+                try:
+                    (accepted,) = (await self.backend.settle([refused], None)).accepted
+                except Exception:
+                    return outcomes[index:]
+                logger.error(
+                    "task id=%s: the storage refused its outcome (%s); recorded it failed",
+                    running.reserved.id,
+                    _describe(exc),
+                )
+                outcome = refused
+            self._log_outcome(running, outcome, accepted)
+        return []
 
     async def _idle(self, wake: asyncio.Event, now: datetime) -> None:
         """Sleep until the poll interval after ``now``, the next known due time or a
@@ -402,8 +436,10 @@ class Worker:
         except BaseException as exc:
             # Whatever loading raises (a custom serializer's own errors, SystemExit
             # from an argument's unpickling) is this task's failure; escaping here
-            # would stop the worker, and the next one to claim the task.
-            self._fail(running, None, exc, final=True)
+            # would stop the worker, and the next one to claim the task. Recorded as
+            # any outcome is: describing the error may raise too (its __notes__).
+            with self._recording(running):
+                self._fail(running, None, exc, final=True)
             self._release(running)
             return
         if logger.isEnabledFor(logging.INFO):
@@ -484,7 +520,7 @@ class Worker:
     def _record_value(self, running: _Running, call: TaskCall, value: Any) -> None:
         with self._recording(running):
             try:
-                result = self.serializer.dumps(value)
+                result = stored_bytes(self.serializer.dumps(value), "the result")
             except BaseException as exc:  # a serializer or a __reduce__ may raise anything
                 self._fail(running, call, exc, final=True)
             else:
@@ -723,10 +759,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def _refused(outcome: Outcome, exc: BaseException) -> Outcome:
+    """``outcome`` as a plain failure (or, for a retry, without its texts) that says why
+    the storage refused it."""
+    error = _storable(f"sitq could not store this task's outcome: {_describe(exc)}")
+    if isinstance(outcome, Finish):
+        return replace(outcome, status=TaskStatus.FAILED, result=None, error=error, traceback=None)
+    return replace(outcome, error=error, traceback=None)
+
+
 def _storable(text: str) -> str:
     """``text`` with what no backend can store spelled out as escapes: NUL, which
     PostgreSQL's text refuses, and lone surrogates, which UTF-8 cannot encode. An
-    error message holding either once made every settle of its worker fail."""
+    error message holding either once made every settle of its worker fail. Past
+    ``MAX_ERROR_CHARS`` its middle is cut: a 500 MB exception message, stored as the
+    error and again in the traceback, made a row SQLite refused."""
+    if len(text) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2
+        cut = len(text) - 2 * half
+        text = f"{text[:half]}\n[... {cut:,} characters cut ...]\n{text[-half:]}"
     if text.isascii():
         return text.replace("\x00", "\\x00")
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
