@@ -138,14 +138,39 @@ async def test_concurrent_open_migrates_once(pg_schema: str) -> None:
 
 async def test_opening_one_object_twice_at_once_makes_one_pool(pg_schema: str) -> None:
     backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
-    try:
-        await asyncio.gather(backend.open(), backend.open())
-        pools = dict(backend._loops)
-        await backend.open()
-        assert backend._loops == pools
-        assert len(pools) == 1
-    finally:
+    await asyncio.gather(backend.open(), backend.open())
+    pools = dict(backend._loops)
+    await backend.open()
+    assert backend._loops == pools
+    assert len(pools) == 1
+    # Three opens, three closes: the pool goes at the last.
+    for _ in range(2):
         await backend.close()
+        assert backend._loops == pools
+    await backend.close()
+    assert backend._loops == {}
+
+
+async def test_a_client_closing_leaves_the_shared_backend_open_for_its_worker(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    # The guide's shape: a worker started inside `async with TaskQueue(backend)`, the
+    # client done first. Its close closed the pool under the worker, which then failed
+    # every settle ("not open"), and stop() never returned.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    log = str(tmp_path / "log")
+    worker = Worker(backend, poll_interval=0.05)
+    async with TaskQueue(backend) as queue:
+        await worker.start()
+        first = await queue.enqueue(pg_tasks.record, log, 1)
+        assert await queue.get_result(first, timeout=10) is not None
+    # Work from another process (another backend object), for the worker alone.
+    async with TaskQueue(PostgresBackend(POSTGRES_DSN, schema=pg_schema)) as queue:
+        second = await queue.enqueue(pg_tasks.record, log, 2)
+        result = await queue.get_result(second, timeout=10)
+        assert result is not None and result.status == "success"
+    await asyncio.wait_for(worker.stop(), 10)
+    assert backend._loops == {}, "the last close left the pool open"
 
 
 async def test_reopen_after_close(pg: PostgresBackend) -> None:

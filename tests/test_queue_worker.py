@@ -9,13 +9,17 @@ what the code needs, not benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import select
 import signal
 import sqlite3
 import sys
 import threading
 import time
+import warnings
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,7 @@ from sitq import (
     ValidationError,
     Worker,
 )
-from sitq.backends.base import Backend
+from sitq.backends.base import Backend, ClaimRequest, Outcome, Reschedule, Settled
 from sitq.queue import new_id
 from sitq.serialization import DEFAULT_SERIALIZER
 from sitq.worker import MAX_ERROR_CHARS
@@ -712,6 +716,69 @@ async def test_an_outcome_the_storage_refuses_fails_alone_and_the_others_are_rec
             assert result is not None and queue.deserialize_result(result) == number + 1
 
 
+class _SlowToOpen(MemoryBackend):
+    """Opens only when the test lets it: a PostgreSQL server slow to accept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = asyncio.Event()
+        self.may_open = asyncio.Event()
+
+    async def open(self) -> None:
+        self.opening.set()
+        await self.may_open.wait()
+
+
+async def test_a_stop_while_the_backend_opens_is_not_forgotten() -> None:
+    # run()'s first signal during open() was erased when serving began: the worker
+    # ran on until a second signal.
+    backend = _SlowToOpen()
+    worker = Worker(backend)
+    serving = asyncio.create_task(worker.serve())
+    await asyncio.wait_for(backend.opening.wait(), 10)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)
+    backend.may_open.set()
+    assert await asyncio.wait_for(serving, 10) == 0
+    await asyncio.wait_for(stopping, 10)
+
+
+class _GoesDown(MemoryBackend):
+    """A store that fails every write from when the test says: an outage."""
+
+    down = False
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        if self.down:
+            raise BackendError("the storage is down")
+        return await super().settle(outcomes, claim)
+
+    async def reschedule(self, outcome: Reschedule) -> bool:
+        if self.down:
+            raise BackendError("the storage is down")
+        return await super().reschedule(outcome)
+
+
+async def test_stop_with_a_timeout_returns_though_the_storage_is_down() -> None:
+    # A task that finished during an outage left an outcome stop() retried for ever.
+    backend = _GoesDown()
+    queue = TaskQueue(backend)
+    finishing = await queue.enqueue(wait_for_gate, "finishes in the outage")
+    worker = Worker(backend, max_concurrency=2, poll_interval=30)
+    await worker.start()
+    await wait_until(lambda: "finishes in the outage" in STATE.started)
+    stuck = await queue.enqueue(wait_for_gate, "still running at the timeout")
+    await wait_until(lambda: "still running at the timeout" in STATE.started)
+    backend.down = True
+    STATE.gate.set()
+    await wait_until(lambda: len(STATE.finished) == 2)
+    await asyncio.wait_for(worker.stop(timeout=0.1), 10)
+    # Neither outcome was recorded: both tasks run again when their leases run out.
+    for task_id in (finishing, stuck):
+        task = await queue.get_task(task_id)
+        assert task is not None and task.status is TaskStatus.RUNNING
+
+
 def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:
     with pytest.raises(ValidationError, match="backend must be a sitq Backend, got str"):
         Worker("tasks.db")  # type: ignore[arg-type]
@@ -900,6 +967,39 @@ def test_sync_task_queue_that_cannot_open_its_backend_leaves_no_thread(tmp_path:
         SyncTaskQueue(SQLiteBackend(tmp_path / "missing" / "sitq.db"))
     leaked = [t.name for t in threading.enumerate() if t.ident not in threads_before]
     assert leaked == []
+
+
+def test_a_sync_task_queue_copied_by_a_fork_refuses_in_the_child(tmp_path: Path) -> None:
+    # The child has the object but not its loop thread: calls and close() waited for
+    # that thread for ever.
+    with SyncTaskQueue(SQLiteBackend(tmp_path / "sitq.db")) as client:
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: report in one byte, and never return into pytest
+            code = 1
+            try:
+                try:
+                    client.enqueue(add, 1, 1)
+                except SyncClientError as exc:
+                    code = 0 if "made in another process" in str(exc) else 2
+                client.close()
+            finally:
+                os.write(write, bytes([code]))
+                os._exit(0)
+        os.close(write)
+        try:
+            ready, _, _ = select.select([read], [], [], 10)
+            assert ready, "the child hung"
+            assert os.read(read, 1) == b"\x00"
+        finally:
+            os.close(read)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        # The parent's client is untouched.
+        assert client.get_task(client.enqueue(add, 1, 1)) is not None
 
 
 def _until(condition: Callable[[], object], timeout: float = 10) -> None:

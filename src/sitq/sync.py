@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -37,6 +38,8 @@ class SyncTaskQueue:
         # Refuse before starting the loop thread: raising after it started would leak
         # a thread and an event loop per refused client.
         _refuse_inside_a_running_loop()
+        # A fork copies this object but not its loop thread: see _refuse_after_a_fork.
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sitq-sync-client", daemon=True
@@ -54,6 +57,7 @@ class SyncTaskQueue:
 
     def _call(self, func: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T:
         _refuse_inside_a_running_loop()
+        self._refuse_after_a_fork()
         with self._lock:
             if self._closed:
                 raise SyncClientError("this SyncTaskQueue is closed")
@@ -95,6 +99,11 @@ class SyncTaskQueue:
         """
         # Before anything changes: refused here, the client stays open and usable.
         _refuse_inside_a_running_loop()
+        if os.getpid() != self._pid:
+            # A forked child's copy: its loop thread, and the connections on it, live
+            # in the parent only; nothing here to close (and waiting would hang).
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -106,6 +115,14 @@ class SyncTaskQueue:
             asyncio.run_coroutine_threadsafe(self._queue.close(), self._loop).result()
         finally:
             self._stop_loop()
+
+    def _refuse_after_a_fork(self) -> None:
+        # Checked before taking the lock, which a fork may have copied held.
+        if os.getpid() != self._pid:
+            raise SyncClientError(
+                "this SyncTaskQueue was made in another process (a fork copies it, but "
+                "not its event loop thread): make a new one in this process"
+            )
 
     def _stop_loop(self) -> None:
         self._closed = True

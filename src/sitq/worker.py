@@ -55,6 +55,11 @@ PRUNE_EVERY = timedelta(minutes=1)
 #: (the start and the end of a longer one).
 MAX_ERROR_CHARS = 2**20
 
+#: After stop(timeout)'s timeout, how long handing back running tasks and recording
+#: the last outcomes may take before they are given up (the storage is down): their
+#: tasks run again when their leases run out.
+STOP_STORAGE_SECONDS = 5.0
+
 #: How many runs of a task may be lost with their worker (killed, or stalled past its
 #: lease) beyond its retries before it fails instead of starting again. A lost run
 #: counts as an attempt, so a task that takes its worker down every time (a segfault,
@@ -136,6 +141,7 @@ class Worker:
         self._outcomes: list[tuple[Outcome, _Running]] = []
         self._threads: ThreadRunner | None = None
         self._stopping = False
+        self._giving_up = False  # past stop(timeout): unrecordable outcomes are dropped
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[int] | None = None
         self._last_prune = 0.0
@@ -148,6 +154,7 @@ class Worker:
         """Start working in the background of the running loop and return at once."""
         if self._main is not None and not self._main.done():
             raise WorkerError("worker is already running")
+        self._stopping = self._giving_up = False
         await self.backend.open()
         await self._prepare()
         self._main = asyncio.create_task(self._serve(burst=False), name=f"sitq-{self.name}")
@@ -157,7 +164,9 @@ class Worker:
 
         With ``timeout``, tasks still running after that many seconds are cancelled
         (async ones) or abandoned (sync ones) and handed back to the queue so another
-        worker runs them: their leases are released, not left to expire.
+        worker runs them: their leases are released, not left to expire. It returns
+        at most ``STOP_STORAGE_SECONDS`` after that even when the storage is down:
+        what it could not hand back or record is left to its lease.
         """
         main = self._main
         if main is None:
@@ -165,12 +174,34 @@ class Worker:
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
+        gave_up = False
         if timeout is not None:
             done, _ = await asyncio.wait({main}, timeout=timeout)
             if not done:
-                await self._hand_back_running()
+                self._giving_up = True
+                if self._wake is not None:
+                    self._wake.set()
+                try:
+                    await asyncio.wait_for(self._hand_back_running(), STOP_STORAGE_SECONDS)
+                except TimeoutError:
+                    logger.error(
+                        "could not hand back the running tasks in time: they run again "
+                        "when their leases run out"
+                    )
+                done, _ = await asyncio.wait({main}, timeout=STOP_STORAGE_SECONDS)
+                if not done:
+                    logger.error(
+                        "could not record the last outcomes in time: their tasks run "
+                        "again when their leases run out"
+                    )
+                    main.cancel()
+                    gave_up = True
         try:
             await main
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not gave_up or (current is not None and current.cancelling()):
+                raise
         finally:
             self._main = None
 
@@ -181,6 +212,9 @@ class Worker:
             raise WorkerError("worker is already running")
         # Register this task so stop() (called from another task) can wait for it.
         self._main = asyncio.current_task()
+        # Reset before opening, not after: a stop (a signal to run()) while the backend
+        # connects, which may take a while, must not be forgotten.
+        self._stopping = self._giving_up = False
         try:
             await self.backend.open()
             await self._prepare()
@@ -213,7 +247,6 @@ class Worker:
                     loop.remove_signal_handler(signum)
 
     async def _prepare(self) -> None:
-        self._stopping = False
         await self.backend.watch_work()
         self._wake = self.backend.wakeup.subscribe()
         if self._threads is None:
@@ -270,7 +303,13 @@ class Worker:
                 await self._idle(wake, now)
             while self._running or self._outcomes:
                 if self._outcomes:
-                    await self._settle(None)
+                    if await self._settle(None) is None and self._giving_up:
+                        logger.error(
+                            "could not record %d outcomes by the stop timeout: their tasks "
+                            "run again when their leases run out",
+                            len(self._outcomes),
+                        )
+                        self._outcomes.clear()
                     continue
                 wake.clear()
                 await wake.wait()
@@ -282,6 +321,12 @@ class Worker:
             if self._threads is not None:
                 self._threads.shutdown()
                 self._threads = None
+            # Matches the open() of start() or serve(): a client sharing the backend
+            # keeps it open for itself, and the last to close it closes it.
+            try:
+                await self.backend.close()
+            except Exception:
+                logger.exception("could not close the backend")
         return self.processed - processed_before
 
     async def _settle(self, claim: ClaimRequest | None) -> list[ReservedTask] | None:
@@ -294,8 +339,14 @@ class Worker:
             if outcomes:
                 outcomes = await self._settle_one_by_one(outcomes)
             self._outcomes[:0] = outcomes
-            if claim is None and outcomes:
-                await asyncio.sleep(self.poll_interval)
+            if claim is None and outcomes and not self._giving_up:
+                # Draining at a stop: retry after the poll interval, or sooner when
+                # stop()'s timeout passes (it wakes us to give up).
+                wake = self._wake
+                assert wake is not None
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
             return None
         for (outcome, running), accepted in zip(outcomes, settled.accepted, strict=True):
             self._log_outcome(running, outcome, accepted)
@@ -735,9 +786,16 @@ class Worker:
             del self._running[reserved.id]
             if running.future is not None:
                 running.future.cancel()
-            await self.backend.reschedule(
-                Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
-            )
+            try:
+                await self.backend.reschedule(
+                    Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
+                )
+            except Exception:
+                logger.exception(
+                    "could not hand back task %s; it runs again when its lease runs out",
+                    reserved.id,
+                )
+                continue
             logger.warning("handed back task %s unfinished at shutdown", reserved.id)
         if self._wake is not None:
             self._wake.set()

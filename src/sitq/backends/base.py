@@ -215,10 +215,13 @@ class Backend(abc.ABC):
         self.wakeup = Wakeup()
 
     async def open(self) -> None:  # noqa: B027 - optional hook, most backends need it
-        """Connect and create the schema if needed. Idempotent."""
+        """Connect and create the schema if needed. Each open() is matched by a
+        close(); a backend shared by a client and a worker stays open until both
+        have closed it."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections. The backend may be opened again."""
+        """Match an open(); the last releases the connections. The backend may be
+        opened again."""
 
     async def watch_work(self) -> None:  # noqa: B027 - optional hook
         """Make :attr:`wakeup` hear of new work from other processes, where the backend

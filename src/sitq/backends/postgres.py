@@ -101,6 +101,8 @@ class _LoopState:
     """The connections one event loop uses."""
 
     pool: AsyncConnectionPool[Conn]
+    #: open() calls not yet matched by a close(): the pool closes at the last one.
+    users: int = 1
     #: Closes the pool if the loop ends without ``close()``.
     keeper: asyncio.Task[None] | None = None
     #: By channel; each started by the first wait for what its channel announces.
@@ -198,7 +200,9 @@ class PostgresBackend(Backend):
     async def open(self) -> None:
         """Connect (in the running event loop), migrate the schema and start listening.
 
-        Idempotent; may be called from several event loops, each getting its own pool.
+        May be called from several event loops, each getting its own pool, and several
+        times in one: each open() is matched by a close(), and the loop's pool closes
+        at the last (a client closing must not cut off a worker sharing the object).
         """
         loop = asyncio.get_running_loop()
         with self._loops_lock:
@@ -209,7 +213,9 @@ class PostgresBackend(Backend):
             # A worker and a client sharing this object may open it at the same moment.
             lock = self._open_locks.setdefault(loop, asyncio.Lock())
         async with lock:
-            if loop in self._loops:
+            state = self._loops.get(loop)
+            if state is not None:
+                state.users += 1
                 return
             await self._open(loop)
         self._opened = True
@@ -257,10 +263,15 @@ class PostgresBackend(Backend):
                     await state.pool.close()
 
     async def close(self) -> None:
-        """Close this event loop's pool and listener. The backend may be opened again."""
+        """Match an open(): at the last, close this event loop's pool and listener.
+        The backend may be opened again."""
         loop = asyncio.get_running_loop()
         with self._loops_lock:
-            state = self._loops.pop(loop, None)
+            state = self._loops.get(loop)
+            if state is not None and state.users > 1:
+                state.users -= 1
+                return
+            self._loops.pop(loop, None)
             self._open_locks.pop(loop, None)
             for stale in [other for other in self._loops if other.is_closed()]:
                 del self._loops[stale]
