@@ -689,6 +689,15 @@ async def test_list_jobs_is_newest_first_and_filters(backend: Backend) -> None:
         assert task.payload is None  # only when asked for
 
 
+async def test_list_jobs_takes_a_set_of_ids(backend: Backend) -> None:
+    await backend.enqueue([job("a"), job("b"), job("c", kind="message")])
+    found = await backend.list_jobs(TaskQuery(ids=("a", "c", "unknown")))
+    assert {task.id for task in found} == {"a", "c"}
+    only_tasks = await backend.list_jobs(TaskQuery(ids=("a", "c"), kind="task"))
+    assert [task.id for task in only_tasks] == ["a"]
+    assert await backend.list_jobs(TaskQuery(ids=())) == []
+
+
 async def test_list_jobs_returns_payloads_when_asked(backend: Backend) -> None:
     await backend.enqueue([job("a", kind="message"), job("b")])
     listed = await backend.list_jobs(TaskQuery(payloads=True))

@@ -586,6 +586,40 @@ async def test_what_escaped_the_task_before_is_its_failure_now(
     assert ok is not None and ok.status == "success"
 
 
+async def test_waiters_for_many_results_share_their_reads(
+    backend: Backend, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each waiter read its own task whenever any task finished: 200 waiters and 200
+    # finishes one at a time were some 40,000 reads, starving the worker beside them.
+    ids = await queue.enqueue_many([(add, (n, 1)) for n in range(200)])
+    reads = 0
+    for name in ("get", "list_jobs"):
+        read = getattr(backend, name)
+
+        async def counted(*args: Any, read: Any = read) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read(*args)
+
+        monkeypatch.setattr(backend, name, counted)
+    waiting = [asyncio.create_task(queue.get_result(task_id, timeout=60)) for task_id in ids]
+    assert await Worker(backend).serve(burst=True) == 200
+    results = await asyncio.wait_for(asyncio.gather(*waiting), 60)
+    assert [queue.deserialize_result(r) for r in results if r is not None] == [
+        n + 1 for n in range(200)
+    ]
+    # 200 first looks, then shared reads: one per announced finish or fallback poll.
+    assert reads < 1_000, reads
+
+
+async def test_a_task_deleted_while_awaited_gives_none(backend: Backend, queue: TaskQueue) -> None:
+    task_id = await queue.enqueue(add, 1, 1)
+    waiting = asyncio.create_task(queue.get_result(task_id, timeout=30))
+    await wait_until(lambda: bool(queue._watches))
+    assert await backend.delete(task_id)
+    assert await asyncio.wait_for(waiting, 30) is None
+
+
 class _StrResults:
     """Loads calls as the default serializer does, but returns results as str."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from sitq.backends.base import Backend, NewJob, QueueStats, TaskQuery
 from sitq.clock import SYSTEM_CLOCK, Clock
 from sitq.core import FINISHED_STATUSES, Result, Task, TaskStatus
 from sitq.errors import ResultTimeoutError, ValidationError
+from sitq.result_watch import ResultWatch
 from sitq.scheduling import RetryPolicy, due_time, interval_from, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked
 from sitq.task_call import TaskCall
@@ -96,6 +98,10 @@ class TaskQueue:
             for name, policy in (queue_retry or {}).items()
         }
         self.clock = clock or SYSTEM_CLOCK
+        # get_result's shared reader, one per event loop using this client.
+        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWatch] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __aenter__(self) -> TaskQueue:
         await self.backend.open()
@@ -277,37 +283,27 @@ class TaskQueue:
         ``TimeoutError``) when ``timeout`` seconds pass first.
         """
         task_id = checked_id(task_id)
-        deadline = None
-        if timeout is not None:
-            deadline = time.monotonic() + seconds_from(timeout, "timeout").total_seconds()
-        finishes = await self.backend.watch_finished()
-        woken = finishes.subscribe()
-        # A finish in another process may go unannounced (SQLite has no notifications;
-        # a PostgreSQL listener may be reconnecting): poll too, backing off gently.
-        pause = 0.005
+        seconds = None if timeout is None else seconds_from(timeout, "timeout").total_seconds()
+        task = await self._task(task_id)
+        if task is None or task.status in FINISHED_STATUSES:
+            return None if task is None else _result(task)
+        # Waiters of this loop share one reader (see ResultWatch).
+        loop = asyncio.get_running_loop()
+        watch = self._watches.get(loop)
+        if watch is None:
+            watch = self._watches[loop] = ResultWatch(self.backend)
+        finished = watch.wait(task_id)
         try:
-            while True:
-                woken.clear()
-                task = await self._task(task_id)
-                if task is None:
-                    return None
-                if task.status in FINISHED_STATUSES:
-                    return _result(task)
-                wait = pause
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ResultTimeoutError(
-                            f"task {task_id} did not finish within {timeout} s "
-                            f"(status: {task.status})"
-                        )
-                    wait = min(wait, left)
-                try:
-                    await asyncio.wait_for(woken.wait(), wait)
-                except TimeoutError:
-                    pause = min(pause * 1.5, 0.2)
+            found = await asyncio.wait_for(finished, seconds)
+        except TimeoutError:
+            current = await self._task(task_id)
+            status = "gone" if current is None else current.status
+            raise ResultTimeoutError(
+                f"task {task_id} did not finish within {timeout} s (status: {status})"
+            ) from None
         finally:
-            finishes.unsubscribe(woken)
+            watch.forget(task_id, finished)
+        return None if found is None else _result(found)
 
     def deserialize_result(self, result: Result) -> Any:
         """The task's return value from a successful ``Result``."""

@@ -123,9 +123,16 @@ class TaskQuery:
     status: TaskStatus | None = None
     queue: str | None = None
     kind: JobKind | None = None
+    #: Only the jobs with these ids (at most ``MAX_IDS_PER_QUERY``).
+    ids: tuple[str, ...] | None = None
     limit: int = 100
     #: Also return each job's stored payload (``Task.payload``).
     payloads: bool = False
+
+
+#: The most ids one :class:`TaskQuery` may name: well under SQLite's oldest limit on
+#: the parameters of a statement (999).
+MAX_IDS_PER_QUERY = 500
 
 
 @dataclass(frozen=True, slots=True)

@@ -261,6 +261,7 @@ class MemoryBackend(Backend):
             return None if row is None else row.to_task()
 
     async def list_jobs(self, query: TaskQuery) -> list[Task]:
+        ids = None if query.ids is None else set(query.ids)
         with self._lock:
             rows = [
                 row
@@ -268,6 +269,7 @@ class MemoryBackend(Backend):
                 if (query.status is None or row.status is query.status)
                 and (query.queue is None or row.job.queue == query.queue)
                 and (query.kind is None or row.job.kind == query.kind)
+                and (ids is None or row.job.id in ids)
             ]
             rows.sort(key=lambda row: (row.job.enqueued_at, row.seq), reverse=True)
             return [row.to_task(query.payloads) for row in rows[: query.limit]]

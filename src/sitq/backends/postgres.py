@@ -786,6 +786,9 @@ class PostgresBackend(Backend):
             if value is not None:
                 clauses.append(f"{column} = %({column})s")
                 params[column] = value
+        if query.ids is not None:
+            clauses.append("id = ANY(%(ids)s)")
+            params["ids"] = list(query.ids)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         prefix = self._sql.list_with_payload_prefix if query.payloads else self._sql.list_prefix
         statement = f"{prefix}{where} ORDER BY enqueued_at DESC, seq DESC LIMIT %(limit)s"

@@ -666,6 +666,9 @@ class SQLiteBackend(Backend):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if query.ids is not None:
+            clauses.append(f"id IN ({', '.join('?' * len(query.ids)) or 'NULL'})")
+            params.extend(query.ids)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._read(
             lambda conn: conn.execute(
