@@ -181,6 +181,14 @@ async def test_reopen_after_close(pg: PostgresBackend) -> None:
     assert (await pg.get("a")) is not None
 
 
+async def test_a_refused_connection_says_why_in_the_servers_words(pg_schema: str) -> None:
+    # The pool's own error is "pool initialization incomplete after N sec".
+    url = POSTGRES_DSN.rsplit("/", 1)[0] + "/sitq_no_such_database"
+    backend = PostgresBackend(url, schema=pg_schema, connect_timeout=1)
+    with pytest.raises(BackendError, match='database "sitq_no_such_database" does not exist'):
+        await backend.open()
+
+
 async def test_unreachable_server_is_a_backend_error(pg_schema: str) -> None:
     backend = PostgresBackend(
         "postgresql://postgres@127.0.0.1:1/test", schema=pg_schema, connect_timeout=1

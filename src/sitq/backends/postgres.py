@@ -234,7 +234,10 @@ class PostgresBackend(Backend):
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await pool.close()
-            raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
+            # The pool says only "initialization incomplete"; the server's own words
+            # ("too many clients", "database ... does not exist") went to its log.
+            reason = await self._connection_refusal() or str(exc)
+            raise BackendError(f"cannot connect to PostgreSQL: {reason}") from exc
         state = _LoopState(pool)
         with self._loops_lock:
             self._loops[loop] = state
@@ -246,6 +249,18 @@ class PostgresBackend(Backend):
             await self.close()
             raise
         state.keeper = asyncio.create_task(self._keep(loop, state), name=f"sitq-pool-{self.schema}")
+
+    async def _connection_refusal(self) -> str | None:
+        """Why one connection attempt fails now, in the server's (or libpq's) words;
+        ``None`` if it succeeds."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                with_connect_timeout(self.dsn, self.connect_timeout)
+            )
+        except psycopg.Error as exc:
+            return " ".join(str(exc).split())
+        await conn.close()
+        return None
 
     async def _keep(self, loop: asyncio.AbstractEventLoop, state: _LoopState) -> None:
         try:
