@@ -7,6 +7,8 @@ leases expire and jobs come due without any real waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +26,7 @@ from sitq.backends.base import (
     Reschedule,
     TaskQuery,
 )
+from sitq.backends.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from sitq.core import JobKind, Task
 from sitq.metrics import metrics_from
 
@@ -817,3 +820,18 @@ def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="needs a file"):
         SQLiteBackend(":memory:")
     assert SQLiteBackend(tmp_path / "a.db").path == SQLiteBackend(str(tmp_path / "a.db")).path
+
+
+async def test_an_sqlite_file_newer_than_this_sitq_opens_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "newer.db"
+    first = SQLiteBackend(path)
+    await first.open()
+    await first.close()
+    newer = len(SQLITE_MIGRATIONS) + 1
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version = {newer}")
+    with caplog.at_level("WARNING", logger="sitq.sqlite"):
+        await SQLiteBackend(path).open()
+    assert f"schema version {newer}, newer than this sitq knows" in caplog.text

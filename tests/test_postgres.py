@@ -12,6 +12,7 @@ import dataclasses
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,8 @@ from sitq.backends.base import (
 
 # psycopg is an optional extra; tests that touch the server skip through ``pg_schema``.
 psycopg = pytest.importorskip("psycopg")
+
+from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from sitq.backends.postgres import PostgresBackend, _finishes_document  # noqa: E402
 from sitq.backends.postgres_sql import MIGRATIONS, Statements  # noqa: E402
@@ -121,6 +124,51 @@ async def test_migrate_without_open_reports_an_unreachable_server(pg_schema: str
         "postgresql://postgres@127.0.0.1:1/nowhere", schema=pg_schema, connect_timeout=1
     )
     with pytest.raises(BackendError, match="cannot connect to PostgreSQL"):
+        await backend.migrate()
+
+
+async def test_an_account_allowed_only_rows_opens_a_migrated_schema(pg_schema: str) -> None:
+    # The deploy shape of docs/postgres.md: migrate with an account that may create
+    # tables, run with one that may not. Every open ran CREATE ... IF NOT EXISTS,
+    # which needs the CREATE privilege even when there is nothing to create.
+    assert await PostgresBackend(POSTGRES_DSN, schema=pg_schema).migrate() == len(MIGRATIONS)
+    role = f"sitq_rows_only_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{pg_schema}" TO "{role}"')
+        admin.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{pg_schema}"'
+            f' TO "{role}"'
+        )
+        admin.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{pg_schema}" TO "{role}"')
+    try:
+        as_role = make_conninfo(POSTGRES_DSN, user=role)
+        async with TaskQueue(PostgresBackend(as_role, schema=pg_schema)) as queue:
+            task_id = await queue.enqueue(pg_tasks.noop)
+            task = await queue.get_task(task_id)
+            assert task is not None and task.status is TaskStatus.PENDING
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
+
+
+async def test_a_schema_newer_than_this_sitq_is_opened_with_a_warning(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await backend.migrate()
+    newer = len(MIGRATIONS) + 1
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(f'INSERT INTO "{pg_schema}".sitq_migrations (version) VALUES ({newer})')
+    # Opening it warns (older workers keep working during a rolling deploy)...
+    newer_schema = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    with caplog.at_level("WARNING", logger="sitq.postgres"):
+        await newer_schema.open()
+    await newer_schema.close()
+    assert f"at version {newer}, newer than this sitq knows" in caplog.text
+    # ...but an explicit migrate, a deploy step, refuses to call it up to date.
+    with pytest.raises(BackendError, match="newer than this sitq knows"):
         await backend.migrate()
 
 

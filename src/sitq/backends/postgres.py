@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 import random
 import threading
@@ -80,6 +81,8 @@ from sitq.wakeup import Wakeup
 __all__ = ["PostgresBackend"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("sitq.postgres")
 Conn = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[Any]
 
@@ -184,6 +187,7 @@ class PostgresBackend(Backend):
         self.max_size = max_size
         self.connect_timeout = connect_timeout
         self._sql = Statements.for_schema(name)
+        self._migration_table_name = f'"{name}".sitq_migrations'
         # One pool and one listener per event loop: asyncio connections belong to the
         # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
         # (asyncio.run) may share this object.
@@ -243,7 +247,11 @@ class PostgresBackend(Backend):
             self._loops[loop] = state
         try:
             if not self._migrated:
-                await self.migrate()
+                # A schema newer than this code only warns here: during a rolling
+                # deploy, workers not yet upgraded keep working on it.
+                await self._transaction(
+                    functools.partial(self._apply_migrations, refuse_newer=False)
+                )
                 self._migrated = True
         except BaseException:
             await self.close()
@@ -345,6 +353,8 @@ class PostgresBackend(Backend):
         Returns how many migrations this call applied (0 when already current). On a
         backend not open in this event loop it connects for the call alone, so that a
         deploy step can migrate without :meth:`open` (which migrates first itself).
+        Raises ``BackendError`` for a schema newer than this code knows: a deploy step
+        of older code must not say it is up to date.
         """
         if asyncio.get_running_loop() not in self._loops:
             applied = await self._migrate_on_own_connection()
@@ -366,8 +376,32 @@ class PostgresBackend(Backend):
         finally:
             await conn.close()
 
-    async def _apply_migrations(self, conn: Conn) -> int:
-        """Apply the migrations ``conn``'s transaction has not seen; count them."""
+    async def _apply_migrations(self, conn: Conn, *, refuse_newer: bool = True) -> int:
+        """Apply the migrations ``conn``'s transaction has not seen; count them. A
+        schema newer than this code is refused, or with ``refuse_newer=False`` only
+        warned of."""
+        # Look before creating anything: CREATE ... IF NOT EXISTS needs the CREATE
+        # privilege even when there is nothing to create, and an account allowed only
+        # rows must be able to open a schema that a deploy step migrated.
+        cursor = await conn.execute("SELECT to_regclass(%s)", (self._migration_table_name,))
+        row = await cursor.fetchone()
+        if row is not None and row[0] is not None:
+            cursor = await conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
+            )
+            found = await cursor.fetchone()
+            version = int(found[0]) if found else 0
+            known = len(self._sql.migrations)
+            if version > known:
+                message = (
+                    f"schema {self.schema} is at version {version}, newer than this sitq "
+                    f"knows ({known}): upgrade sitq here"
+                )
+                if refuse_newer:
+                    raise BackendError(message)
+                logger.warning("%s", message)
+            if version >= known:
+                return 0
         # Serialises concurrent migrators (CREATE SCHEMA IF NOT EXISTS alone races);
         # the lock is released at commit.
         await conn.execute(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import sqlite3
@@ -48,6 +49,8 @@ from sitq.errors import BackendError, ValidationError
 from sitq.wakeup import Wakeup
 
 T = TypeVar("T")
+
+logger = logging.getLogger("sitq.sqlite")
 
 #: How long a call keeps retrying while other processes hold the write lock.
 LOCK_PATIENCE_SECONDS = 30.0
@@ -252,6 +255,13 @@ class SQLiteBackend(Backend):
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > len(MIGRATIONS):
+                logger.warning(
+                    "%s has schema version %d, newer than this sitq knows (%d): upgrade sitq here",
+                    self.path,
+                    version,
+                    len(MIGRATIONS),
+                )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
