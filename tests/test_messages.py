@@ -746,6 +746,73 @@ async def test_process_survives_a_storage_error(
     assert await status_of(backend, message_id) is TaskStatus.SUCCESS
 
 
+@pytest.mark.parametrize("failing", ["claim", "next_due"])
+async def test_iterating_rides_out_storage_errors(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # The iterator had no error handling at all, and process() none around the idle
+    # look-ahead: a short outage (a second connection lost in a row) ended either.
+    producer = Producer(backend, "jobs")
+    consumer = Consumer(backend, "jobs", poll_interval=0.01)
+    original = getattr(backend, failing)
+    failures = [BackendError("database is restarting")] * 3
+
+    async def flaky(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await original(*args)
+
+    monkeypatch.setattr(backend, failing, flaky)
+    if failing == "claim":
+        await producer.enqueue({"n": 1})
+    else:
+        await producer.enqueue_delayed({"n": 1}, 0.05)  # found through next_due
+    async with contextlib.aclosing(consumer.messages()) as stream:
+        message = await asyncio.wait_for(anext(stream), 10)
+    assert message.payload == {"n": 1} and failures == []
+    await producer.enqueue_delayed({"n": 2}, 0.05)
+    failures.extend([BackendError("database is restarting")] * 3)
+    seen: list[Any] = []
+
+    async def handle(message: Message) -> None:
+        seen.append(message.payload)
+        consumer.stop()
+
+    assert await asyncio.wait_for(consumer.process(handle), 10) == 1
+    assert seen == [{"n": 2}]
+
+
+async def test_a_dequeue_cancelled_in_flight_gives_back_what_it_took(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL a claim commits though the task awaiting it was cancelled (a
+    # Ctrl-C mid-query): its messages stayed hidden, a read counted, until timeout.
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    ids = await producer.enqueue_many([{"n": 1}, {"n": 2}])
+    claim = backend.claim
+    in_flight, may_finish = asyncio.Event(), asyncio.Event()
+
+    async def slow_claim(*args: Any) -> Any:
+        taken = await claim(*args)  # committed; the answer is still on its way
+        in_flight.set()
+        await may_finish.wait()
+        return taken
+
+    monkeypatch.setattr(backend, "claim", slow_claim)
+    iterating = asyncio.create_task(anext(consumer.messages(batch_size=2)))
+    await asyncio.wait_for(in_flight.wait(), 10)
+    iterating.cancel()
+    await asyncio.sleep(0)
+    may_finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await iterating
+    monkeypatch.setattr(backend, "claim", claim)
+    again = await Consumer(backend, "jobs", name="c2", clock=clock).dequeue(batch_size=2)
+    assert sorted(m.id for m in again) == sorted(ids)
+    assert [m.read_count for m in again] == [1, 1]
+
+
 async def test_cancelled_process_gives_back_its_messages(backend: Backend) -> None:
     clock = FakeClock()
     producer, consumer = make(backend, clock)

@@ -24,7 +24,9 @@ from conftest import POSTGRES_DSN
 from helpers import wait_until
 from sitq import (
     BackendError,
+    Consumer,
     MemoryBackend,
+    Producer,
     SyncTaskQueue,
     TaskQueue,
     TaskStatus,
@@ -219,6 +221,16 @@ async def test_a_client_closing_leaves_the_shared_backend_open_for_its_worker(
         assert result is not None and result.status == "success"
     await asyncio.wait_for(worker.stop(), 10)
     assert backend._loops == {}, "the last close left the pool open"
+
+
+async def test_producers_and_consumers_leave_one_close_to_their_caller(pg_schema: str) -> None:
+    # docs/messages.md: use them, then `await backend.close()` once. Their opening
+    # on first use must not count as opens a close has to match.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await Producer(backend, "jobs").enqueue({"n": 1})
+    assert [m.payload for m in await Consumer(backend, "jobs").dequeue()] == [{"n": 1}]
+    await backend.close()
+    assert backend._loops == {}
 
 
 async def test_reopen_after_close(pg: PostgresBackend) -> None:

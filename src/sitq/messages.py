@@ -21,6 +21,7 @@ next dequeue, with its ``read_count`` counted. No admin step is needed to reclai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -86,9 +87,10 @@ class _Client:
         self._opened = False
 
     async def _ready(self) -> None:
-        # Opening is idempotent; doing it on first use spares callers a setup step.
+        # Opened on first use, which spares callers a setup step; closing is left to
+        # them (one backend.close(), however many producers and consumers used it).
         if not self._opened:
-            await self.backend.open()
+            await self.backend.ensure_open()
             self._opened = True
 
     async def metrics(self) -> QueueMetrics:
@@ -251,8 +253,19 @@ class Consumer(_Client):
             now=self.clock.now(),
             queues=(self.queue,),
         )
+        claiming = asyncio.ensure_future(self.backend.claim(request))
+        try:
+            claimed = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # Cancelled (Ctrl-C, a shutdown) while the claim was in flight: the
+            # database commits it all the same (PostgreSQL). Give back what it took,
+            # unread, rather than leave it hidden until its timeout runs out.
+            with contextlib.suppress(Exception):
+                taken = await claiming
+                await self._give_back([(job.id, job.available_at) for job in taken])
+            raise
         messages: list[Message] = []
-        for reserved in await self.backend.claim(request):
+        for reserved in claimed:
             message = await self._decode(reserved)
             if message is not None:
                 messages.append(message)
@@ -440,7 +453,12 @@ class Consumer(_Client):
         try:
             while not self._stopping:
                 wake.clear()
-                batch = await self._claim(limit)
+                try:
+                    batch = await self._claim(limit)
+                except Exception:
+                    logger.exception("could not dequeue from %s; will try again", self.queue)
+                    await self._idle(wake, look_ahead=False)
+                    continue
                 if not batch:
                     await self._idle(wake)
                     continue
@@ -488,8 +506,15 @@ class Consumer(_Client):
                     await self._idle(wake, look_ahead=False)
                     continue
                 if not batch:
-                    if burst and not await self._due_now():
-                        break
+                    if burst:
+                        try:
+                            due_now = await self._due_now()
+                        except Exception:
+                            logger.exception("could not look at %s; will try again", self.queue)
+                            await self._idle(wake, look_ahead=False)
+                            continue
+                        if not due_now:
+                            break
                     await self._idle(wake)
                     continue
                 held.update((message.id, message) for message in batch)
@@ -559,16 +584,25 @@ class Consumer(_Client):
         in the queue (``visible_at``, which orders them and ages the queue's oldest
         pending) both unchanged. A message whose read counts is visible from now.
         """
+        if undo_read:
+            await self._give_back([(message.id, message.visible_at) for message in messages])
+        else:
+            now = self.clock.now()
+            await self._give_back([(message.id, now) for message in messages], undo_read=False)
+
+    async def _give_back(
+        self, held: Sequence[tuple[str, datetime]], *, undo_read: bool = True
+    ) -> None:
+        """Make held jobs, given as (id, visible from), pending again."""
         now = self.clock.now()
-        for message in messages:
-            visible = message.visible_at if undo_read else now
+        for message_id, visible in held:
             try:
                 await self.backend.reschedule(
-                    Reschedule(message.id, self._holder, visible, undo_attempt=undo_read, now=now)
+                    Reschedule(message_id, self._holder, visible, undo_attempt=undo_read, now=now)
                 )
             except Exception:
                 # Not fatal: the message becomes visible when its timeout runs out.
-                logger.exception("could not give back message %s", message.id)
+                logger.exception("could not give back message %s", message_id)
 
     async def _due_now(self) -> bool:
         due = await self.backend.next_due(_KIND, (self.queue,))
@@ -579,7 +613,12 @@ class Consumer(_Client):
         now = self.clock.now()
         deadline = now + self.poll_interval
         if look_ahead:
-            due = await self.backend.next_due(_KIND, (self.queue,))
+            try:
+                due = await self.backend.next_due(_KIND, (self.queue,))
+            except Exception:
+                # The storage failed: sleep the poll interval; the next claim retries.
+                logger.exception("could not read when %s next has work", self.queue)
+                due = None
             if due is not None and due < deadline:
                 if due <= now:
                     # Visible yet not claimed: the claim's picks went to the dead letters

@@ -226,6 +226,12 @@ class Backend(abc.ABC):
         close(); a backend shared by a client and a worker stays open until both
         have closed it."""
 
+    async def ensure_open(self) -> None:
+        """Open if not yet open in this event loop, without a close() to match: for
+        clients that open on first use and leave closing to their caller (Producer,
+        Consumer). Backends that count opens override it."""
+        await self.open()
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Match an open(); the last releases the connections. The backend may be
         opened again."""

@@ -208,6 +208,12 @@ class PostgresBackend(Backend):
         times in one: each open() is matched by a close(), and the loop's pool closes
         at the last (a client closing must not cut off a worker sharing the object).
         """
+        await self._open_in_this_loop(share=True)
+
+    async def ensure_open(self) -> None:
+        await self._open_in_this_loop(share=False)
+
+    async def _open_in_this_loop(self, *, share: bool) -> None:
         loop = asyncio.get_running_loop()
         with self._loops_lock:
             for stale in [other for other in self._loops if other.is_closed()]:
@@ -219,7 +225,8 @@ class PostgresBackend(Backend):
         async with lock:
             state = self._loops.get(loop)
             if state is not None:
-                state.users += 1
+                if share:
+                    state.users += 1
                 return
             await self._open(loop)
         self._opened = True
