@@ -271,6 +271,16 @@ class Consumer(_Client):
                 messages.append(message)
         return messages
 
+    async def _claim_or_pause(self, limit: int, wake: asyncio.Event) -> list[Message] | None:
+        """A loop's claim; ``None`` after a storage error, logged and slept off for the
+        poll interval (a restart, lost connections) so the loop goes on."""
+        try:
+            return await self._claim(limit)
+        except Exception:
+            logger.exception("could not dequeue from %s; will try again", self.queue)
+            await self._idle(wake, look_ahead=False)
+            return None
+
     async def _decode(self, reserved: ReservedTask) -> Message | None:
         try:
             payload = JSON.loads(reserved.payload)
@@ -453,12 +463,10 @@ class Consumer(_Client):
         try:
             while not self._stopping:
                 wake.clear()
-                try:
-                    batch = await self._claim(limit)
-                except Exception:
-                    logger.exception("could not dequeue from %s; will try again", self.queue)
-                    await self._idle(wake, look_ahead=False)
+                claimed = await self._claim_or_pause(limit, wake)
+                if claimed is None:
                     continue
+                batch = claimed
                 if not batch:
                     await self._idle(wake)
                     continue
@@ -499,11 +507,8 @@ class Consumer(_Client):
         try:
             while not self._stopping:
                 wake.clear()
-                try:
-                    batch = await self._claim(limit)
-                except Exception:
-                    logger.exception("could not dequeue from %s; will try again", self.queue)
-                    await self._idle(wake, look_ahead=False)
+                batch = await self._claim_or_pause(limit, wake)
+                if batch is None:
                     continue
                 if not batch:
                     if burst:
