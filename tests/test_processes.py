@@ -8,9 +8,11 @@ executions without trusting the database under test, and cross-check the databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -182,6 +184,30 @@ async def test_a_killed_worker_loses_nothing_and_only_its_running_tasks_run_agai
     rerun_ids = {ids[n] for n in in_flight}
     assert {task_id for task_id, count in attempts.items() if count == 2} == rerun_ids
     assert {count for task_id, count in attempts.items() if task_id not in rerun_ids} == {1}
+
+
+async def test_worker_run_stops_at_once_on_a_second_signal(
+    queue: TaskQueue, workers: Workers, tmp_path: Path
+) -> None:
+    # The first Ctrl-C waits for running tasks; a second one did nothing, leaving
+    # only SIGKILL to end a worker stuck on a long task.
+    started, done = str(tmp_path / "started.log"), str(tmp_path / "done.log")
+    task_id = await queue.enqueue(
+        proc_tasks.start_then_wait, started, done, 0, str(tmp_path / "never")
+    )
+    (worker,) = await workers.start(1, concurrency=1, lease=30.0)
+    await wait_until(lambda: proc_tasks.read_counts(started) == {0: 1}, timeout=30)
+    # Signals sent back to back merge into one, so send until it exits: the first
+    # lets the blocked task run on (it would for a minute), a second ends it.
+    deadline = time.monotonic() + 20
+    while worker.returncode is None:
+        assert time.monotonic() < deadline, "repeated SIGINTs did not stop the worker"
+        worker.send_signal(signal.SIGINT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.wait(), 0.5)
+    assert worker.returncode == -signal.SIGINT  # an uncaught KeyboardInterrupt's exit
+    task = await queue.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.RUNNING  # its lease holds it
 
 
 async def test_a_task_longer_than_the_visibility_timeout_runs_once(

@@ -224,23 +224,40 @@ class Worker:
 
     def run(self, burst: bool = False) -> int:
         """Block, working until SIGINT or SIGTERM (or, with ``burst``, until no due task
-        is left). The first signal stops claiming and lets running tasks finish."""
+        is left). The first signal stops claiming and lets running tasks finish; a
+        second stops at once, raising ``KeyboardInterrupt`` (SIGINT) or
+        ``SystemExit(143)`` (SIGTERM): what was running keeps its lease until it runs
+        out, then runs again elsewhere."""
         return asyncio.run(self._run_with_signals(burst))
 
     async def _run_with_signals(self, burst: bool) -> int:
         loop = asyncio.get_running_loop()
         serving = asyncio.ensure_future(self.serve(burst))
+        received: list[int] = []
 
-        def first_signal() -> None:
-            self._stopping = True
-            if self._wake is not None:
-                self._wake.set()
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            name = signal.Signals(signum).name
+            if len(received) == 1:
+                logger.info("%s received: finishing running tasks; send it again to stop now", name)
+                self._stopping = True
+                if self._wake is not None:
+                    self._wake.set()
+            else:
+                logger.warning("%s received again: stopping now", name)
+                serving.cancel()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, first_signal)
+                loop.add_signal_handler(signum, on_signal, signum)
         try:
             return await serving
+        except asyncio.CancelledError:
+            if len(received) < 2:
+                raise
+            if received[-1] == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise SystemExit(128 + received[-1]) from None
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
