@@ -699,6 +699,10 @@ async def test_list_jobs_takes_a_set_of_ids(backend: Backend) -> None:
     only_tasks = await backend.list_jobs(TaskQuery(ids=("a", "c"), kind="task"))
     assert [task.id for task in only_tasks] == ["a"]
     assert await backend.list_jobs(TaskQuery(ids=())) == []
+    await backend.claim(claim_req("w1"))
+    await backend.finish(Finish("a", "w1", TaskStatus.SUCCESS, at(1)))
+    finished = TaskQuery(ids=("a", "b"), statuses=(TaskStatus.SUCCESS, TaskStatus.FAILED))
+    assert [task.id for task in await backend.list_jobs(finished)] == ["a"]
 
 
 async def test_list_jobs_returns_payloads_when_asked(backend: Backend) -> None:

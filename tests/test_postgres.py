@@ -233,6 +233,43 @@ async def test_producers_and_consumers_leave_one_close_to_their_caller(pg_schema
     assert backend._loops == {}
 
 
+async def test_a_producer_goes_on_after_the_client_it_shared_with_closed(pg_schema: str) -> None:
+    # Its first use was inside the client's context, so it never opened a share of
+    # its own; after the context it failed "not open". It connects again now.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    producer = Producer(backend, "jobs")
+    async with TaskQueue(backend):
+        await producer.enqueue({"n": 1})
+    await producer.enqueue({"n": 2})
+    assert len(await Consumer(backend, "jobs").dequeue(batch_size=5)) == 2
+    await backend.close()
+
+
+async def test_no_connection_in_time_fails_once_not_twice(pg_schema: str) -> None:
+    # A PoolTimeout is an OperationalError, taken for a dead connection: the pool was
+    # checked and the wait (30 s by default) done twice.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema, min_size=1, max_size=1)
+    await backend.open()
+    try:
+        pool = backend._loops[asyncio.get_running_loop()].pool
+        pool.timeout = 0.1
+        checks = 0
+        check = pool.check
+
+        async def counted_check() -> None:
+            nonlocal checks
+            checks += 1
+            await check()
+
+        pool.check = counted_check  # type: ignore[method-assign]
+        async with pool.connection():  # the only connection, held
+            with pytest.raises(BackendError, match="connection failed"):
+                await backend.get("x")
+        assert checks == 0
+    finally:
+        await backend.close()
+
+
 async def test_reopen_after_close(pg: PostgresBackend) -> None:
     await pg.enqueue([job("a")])
     await pg.close()

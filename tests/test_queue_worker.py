@@ -612,6 +612,48 @@ async def test_waiters_for_many_results_share_their_reads(
     assert reads < 1_000, reads
 
 
+async def test_waiters_hear_a_failure_to_watch_for_finishes(
+    backend: Backend, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shared reader died with the error and its waiters waited for ever.
+    async def broken() -> Any:
+        raise BackendError("cannot listen")
+
+    monkeypatch.setattr(backend, "watch_finished", broken)
+    task_id = await queue.enqueue(add, 1, 1)
+    with pytest.raises(BackendError, match="cannot listen"):
+        await asyncio.wait_for(queue.get_result(task_id), 10)
+
+
+async def test_get_result_keeps_its_timeout_while_reads_hang(
+    backend: Backend, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a storage outage a read waits for a connection (30 s and more on
+    # PostgreSQL); get_result(timeout=3) returned after 60 s.
+    task_id = await queue.enqueue(add, 1, 1)
+
+    async def hangs(*args: Any) -> Any:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(backend, "list_jobs", hangs)
+    with pytest.raises(ResultTimeoutError, match="status: pending"):
+        await asyncio.wait_for(queue.get_result(task_id, timeout=0.05), 10)
+
+
+def test_get_result_leaves_no_event_loop_behind() -> None:
+    # Each loop that had waited stayed referenced by the client for good.
+    queue = TaskQueue(MemoryBackend())
+
+    async def wait_briefly() -> None:
+        task_id = await queue.enqueue(add, 1, 1)
+        with pytest.raises(ResultTimeoutError):
+            await queue.get_result(task_id, timeout=0.01)
+
+    for _ in range(3):
+        asyncio.run(wait_briefly())
+    assert queue._watches == {}
+
+
 async def test_a_task_deleted_while_awaited_gives_none(backend: Backend, queue: TaskQueue) -> None:
     task_id = await queue.enqueue(add, 1, 1)
     waiting = asyncio.create_task(queue.get_result(task_id, timeout=30))
@@ -1205,7 +1247,7 @@ async def test_sqlite_watches_other_processes_only_where_something_waits(
         task_id = await client.enqueue(add, 1, 2)
         assert watchers() == []
         with pytest.raises(ResultTimeoutError):
-            await client.get_result(task_id, timeout=0)
+            await client.get_result(task_id, timeout=0.05)  # (0: one look, no wait)
         assert len(watchers()) == 1
     assert [t for t in watchers() if not t.done()] == []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,10 +97,8 @@ class TaskQueue:
             for name, policy in (queue_retry or {}).items()
         }
         self.clock = clock or SYSTEM_CLOCK
-        # get_result's shared reader, one per event loop using this client.
-        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWatch] = (
-            weakref.WeakKeyDictionary()
-        )
+        # get_result's shared reader, one per event loop while it has waiters.
+        self._watches: dict[asyncio.AbstractEventLoop, ResultWatch] = {}
 
     async def __aenter__(self) -> TaskQueue:
         await self.backend.open()
@@ -284,26 +281,37 @@ class TaskQueue:
         """
         task_id = checked_id(task_id)
         seconds = None if timeout is None else seconds_from(timeout, "timeout").total_seconds()
+        started = time.monotonic()
+        # One look whatever the timeout (timeout=0 means "look, do not wait").
         task = await self._task(task_id)
         if task is None or task.status in FINISHED_STATUSES:
             return None if task is None else _result(task)
-        # Waiters of this loop share one reader (see ResultWatch).
+        left = None if seconds is None else max(0.0, seconds - (time.monotonic() - started))
+        # The rest of the timeout bounds the wait, its reads included: in a storage
+        # outage a read waits for a connection.
+        try:
+            found = await asyncio.wait_for(self._finished(task_id), left)
+        except TimeoutError:
+            raise ResultTimeoutError(
+                f"task {task_id} did not finish within {timeout} s (status: {task.status.value})"
+            ) from None
+        return None if found is None else _result(found)
+
+    async def _finished(self, task_id: str) -> Task | None:
+        """The task once finished, or ``None`` once gone, through this loop's shared
+        reader (see ResultWatch)."""
         loop = asyncio.get_running_loop()
         watch = self._watches.get(loop)
         if watch is None:
             watch = self._watches[loop] = ResultWatch(self.backend)
         finished = watch.wait(task_id)
         try:
-            found = await asyncio.wait_for(finished, seconds)
-        except TimeoutError:
-            current = await self._task(task_id)
-            status = "gone" if current is None else current.status
-            raise ResultTimeoutError(
-                f"task {task_id} did not finish within {timeout} s (status: {status})"
-            ) from None
+            return await finished
         finally:
             watch.forget(task_id, finished)
-        return None if found is None else _result(found)
+            if watch.idle and self._watches.get(loop) is watch:
+                # Gone with its last waiter: kept, it would keep a finished loop alive.
+                del self._watches[loop]
 
     def deserialize_result(self, result: Result) -> Any:
         """The task's return value from a successful ``Result``."""

@@ -10,9 +10,12 @@ query per announced finish or fallback poll, and each waiter is handed its task.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from sitq.backends.base import MAX_IDS_PER_QUERY, Backend, TaskQuery
 from sitq.core import FINISHED_STATUSES, Task
+
+FINISHED = tuple(sorted(FINISHED_STATUSES, key=lambda status: status.value))
 
 #: The fallback poll: a finish in another process may go unannounced (SQLite has no
 #: notifications; a PostgreSQL listener may be reconnecting). It starts fast and
@@ -39,6 +42,11 @@ class ResultWatch:
             self._reader = asyncio.create_task(self._read(), name="sitq-result-watch")
         return future
 
+    @property
+    def idle(self) -> bool:
+        """Whether no one waits."""
+        return not self._waiters
+
     def forget(self, task_id: str, future: asyncio.Future[Task | None]) -> None:
         waiting = self._waiters.get(task_id)
         if waiting is not None:
@@ -47,21 +55,32 @@ class ResultWatch:
                 del self._waiters[task_id]
 
     async def _read(self) -> None:
-        finishes = await self._backend.watch_finished()
+        try:
+            finishes = await self._backend.watch_finished()
+        except Exception as exc:
+            self._fail_all(exc)
+            return
         woken = finishes.subscribe()
         pause = 0.005
+        # Announced finishes and new waiters need only the finished rows among the
+        # waited ones; the fallback poll reads them all, to notice deleted tasks.
+        everything = True
         try:
             while self._waiters:
                 woken.clear()
                 self._new_waiter.clear()
+                started = time.monotonic()
                 try:
-                    await self._hand_out(list(self._waiters))
+                    await self._hand_out(list(self._waiters), everything)
                 except Exception as exc:
                     # The storage failed: every waiter hears it, as it would reading alone.
                     self._fail_all(exc)
                     return
                 if not self._waiters:
                     return
+                # Never more than half of the loop's time: with thousands of waiters
+                # each read is long, and a worker may share the loop.
+                await asyncio.sleep(time.monotonic() - started)
                 wakeups = [
                     asyncio.ensure_future(woken.wait()),
                     asyncio.ensure_future(self._new_waiter.wait()),
@@ -73,24 +92,30 @@ class ResultWatch:
                 finally:
                     for wakeup in wakeups:
                         wakeup.cancel()
+                everything = not done
                 if not done:
                     pause = min(pause * 1.5, LONGEST_POLL)
         finally:
             finishes.unsubscribe(woken)
 
-    async def _hand_out(self, task_ids: list[str]) -> None:
+    async def _hand_out(self, task_ids: list[str], everything: bool) -> None:
+        """Hand out the finished tasks among ``task_ids``; with ``everything``, also
+        ``None`` for those no longer stored."""
+        statuses = None if everything else FINISHED
         for start in range(0, len(task_ids), MAX_IDS_PER_QUERY):
             chunk = tuple(task_ids[start : start + MAX_IDS_PER_QUERY])
             found = {
                 task.id: task
                 for task in await self._backend.list_jobs(
-                    TaskQuery(ids=chunk, kind="task", limit=len(chunk))
+                    TaskQuery(ids=chunk, kind="task", statuses=statuses, limit=len(chunk))
                 )
             }
             for task_id in chunk:
                 task = found.get(task_id)
-                if task is None or task.status in FINISHED_STATUSES:
+                if task is not None and task.status in FINISHED_STATUSES:
                     self._resolve(task_id, task)
+                elif task is None and everything:
+                    self._resolve(task_id, None)
 
     def _resolve(self, task_id: str, task: Task | None) -> None:
         for future in self._waiters.pop(task_id, ()):

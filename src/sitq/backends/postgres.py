@@ -48,7 +48,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sitq.backends.base import (
     Backend,
@@ -81,6 +81,12 @@ from sitq.wakeup import Wakeup
 __all__ = ["PostgresBackend"]
 
 T = TypeVar("T")
+
+#: How long the pool keeps retrying a lost connection (1 s, 2 s, 4 s ... apart) before
+#: it gives up and lets the next call start afresh. psycopg_pool's 300 s default let
+#: the gaps grow to two minutes: after a 140 s outage a worker found its pool empty
+#: for 108 s more, though the server was back.
+RECONNECT_TIMEOUT = 10.0
 
 logger = logging.getLogger("sitq.postgres")
 Conn = psycopg.AsyncConnection[Any]
@@ -239,12 +245,15 @@ class PostgresBackend(Backend):
             kwargs={"autocommit": True},
             open=False,
             name=f"sitq-{self.schema}",
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
-        except Exception as exc:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await pool.close()
+            if not isinstance(exc, Exception):  # cancelled: the pool is closed, go on
+                raise
             # The pool says only "initialization incomplete"; the server's own words
             # ("too many clients", "database ... does not exist") went to its log.
             reason = await self._connection_refusal() or str(exc)
@@ -305,7 +314,9 @@ class PostgresBackend(Backend):
             self._open_locks.pop(loop, None)
             for stale in [other for other in self._loops if other.is_closed()]:
                 del self._loops[stale]
-            self._opened = bool(self._loops)
+            # _opened stays set: a client that kept using the object after another
+            # closed this loop's pool (a Producer after its TaskQueue's context, say)
+            # connects again rather than failing "not open".
         if state is None:
             return
         for task in [*(listener.task for listener in state.listeners.values()), state.keeper]:
@@ -440,8 +451,9 @@ class PostgresBackend(Backend):
             return state
         if not self._opened:
             raise BackendError("PostgresBackend is not open: await backend.open() first")
-        # Opened, but from another event loop (a sync client's thread, say): connect here.
-        await self.open()
+        # Opened, but from another event loop (a sync client's thread, say), or closed
+        # here since by another client sharing the object: connect here.
+        await self.ensure_open()
         return self._loops[loop]
 
     async def _run(self, work: Callable[[Conn], Awaitable[T]], transaction: bool) -> T:
@@ -462,6 +474,11 @@ class PostgresBackend(Backend):
                         return await work(conn)
                     async with conn.transaction():
                         return await work(conn)
+            except PoolTimeout as exc:
+                # No connection came within the pool's wait (the server is down or
+                # full). It is an OperationalError too, but retrying would double the
+                # wait for nothing: the pool already kept trying.
+                raise BackendError(f"PostgreSQL connection failed: {exc}") from exc
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES:
@@ -845,6 +862,9 @@ class PostgresBackend(Backend):
         if query.ids is not None:
             clauses.append("id = ANY(%(ids)s)")
             params["ids"] = list(query.ids)
+        if query.statuses is not None:
+            clauses.append("status = ANY(%(statuses)s)")
+            params["statuses"] = [status.value for status in query.statuses]
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         prefix = self._sql.list_with_payload_prefix if query.payloads else self._sql.list_prefix
         statement = f"{prefix}{where} ORDER BY enqueued_at DESC, seq DESC LIMIT %(limit)s"

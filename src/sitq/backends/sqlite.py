@@ -679,6 +679,9 @@ class SQLiteBackend(Backend):
         if query.ids is not None:
             clauses.append(f"id IN ({', '.join('?' * len(query.ids)) or 'NULL'})")
             params.extend(query.ids)
+        if query.statuses is not None:
+            clauses.append(f"status IN ({', '.join('?' * len(query.statuses)) or 'NULL'})")
+            params.extend(status.value for status in query.statuses)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._read(
             lambda conn: conn.execute(

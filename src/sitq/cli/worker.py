@@ -344,7 +344,8 @@ async def _serve(backend: Backend, settings: WorkerSettings) -> int:
         await asyncio.wait({serving, watchers[0]}, return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
             await worker.stop(timeout=settings.grace)
-        processed = await serving
+        # Cancelled by stop() when the storage stayed down past the grace period.
+        processed = worker.processed if serving.cancelled() else await serving
     finally:
         for watcher in watchers:
             watcher.cancel()
