@@ -23,6 +23,12 @@ class BackendError(SitqError):
     """The storage backend failed (database unreachable, locked, corrupt...)."""
 
 
+class StorageUnavailableError(BackendError):
+    """The storage could not be reached in time (PostgreSQL down or out of
+    connections, an SQLite file locked past the wait): the same call may succeed
+    later. Other ``BackendError`` are the storage refusing the call itself."""
+
+
 class TaskNotFoundError(SitqError, LookupError):
     """No task or message has the given id."""
 

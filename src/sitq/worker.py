@@ -29,6 +29,7 @@ from sitq.clock import SYSTEM_CLOCK, Clock
 from sitq.core import FINISHED_STATUSES, ReservedTask, TaskStatus
 from sitq.errors import (
     Retry,
+    StorageUnavailableError,
     TaskTimeoutError,
     ValidationError,
     WorkerError,
@@ -379,12 +380,17 @@ class Worker:
         storage refuses every time (a value it cannot take, a row past its size limit)
         does not hold up the rest for ever: that one is recorded as a failure saying
         why, without its result, error text or traceback. Returns what is still
-        unrecorded: all of it from the first outcome whose plain failure could not be
-        recorded either (the storage itself is failing; retried later as a whole).
+        unrecorded: all of it from the first outcome the storage could not be reached
+        for, or whose plain failure could not be recorded either (the storage itself is
+        failing; retried later as a whole).
         """
         for index, (outcome, running) in enumerate(outcomes):
             try:
                 (accepted,) = (await self.backend.settle([outcome], None)).accepted
+            except StorageUnavailableError:
+                # Not this outcome's fault: had the storage come back a moment later,
+                # its plain failure would have been recorded for a task that succeeded.
+                return outcomes[index:]
             except Exception as exc:
                 refused = _refused(outcome, exc)
                 try:

@@ -75,7 +75,7 @@ from sitq.backends.postgres_sql import (
     utc_required,
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
-from sitq.errors import BackendError, ValidationError
+from sitq.errors import BackendError, StorageUnavailableError, ValidationError
 from sitq.wakeup import Wakeup
 
 __all__ = ["PostgresBackend"]
@@ -478,7 +478,7 @@ class PostgresBackend(Backend):
                 # No connection came within the pool's wait (the server is down or
                 # full). It is an OperationalError too, but retrying would double the
                 # wait for nothing: the pool already kept trying.
-                raise BackendError(f"PostgreSQL connection failed: {exc}") from exc
+                raise StorageUnavailableError(f"PostgreSQL connection failed: {exc}") from exc
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES:
@@ -486,7 +486,7 @@ class PostgresBackend(Backend):
                 await asyncio.sleep(random.uniform(0.001, 0.01) * conflicts)
             except psycopg.OperationalError as exc:
                 if reconnected:
-                    raise BackendError(f"PostgreSQL connection failed: {exc}") from exc
+                    raise StorageUnavailableError(f"PostgreSQL connection failed: {exc}") from exc
                 reconnected = True
                 # The pool's idle connections probably died together (a restart):
                 # have it test and replace them all, not hand us the next dead one.

@@ -45,7 +45,7 @@ from sitq.backends.base import (
     task_from_row,
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
-from sitq.errors import BackendError, ValidationError
+from sitq.errors import BackendError, StorageUnavailableError, ValidationError
 from sitq.wakeup import Wakeup
 
 T = TypeVar("T")
@@ -283,10 +283,14 @@ class SQLiteBackend(Backend):
                 return attempt(self._connection())
             except _OpenRaceError as exc:
                 if time.monotonic() > deadline:
-                    raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
+                    raise StorageUnavailableError(
+                        f"cannot open SQLite database {self.path}: {exc}"
+                    ) from exc
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
+                if not _is_busy(exc):
                     raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
+                if time.monotonic() > deadline:
+                    raise StorageUnavailableError(f"SQLite error on {self.path}: {exc}") from exc
             except sqlite3.Error as exc:
                 raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))
