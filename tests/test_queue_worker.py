@@ -613,6 +613,29 @@ async def test_waiters_for_many_results_share_their_reads(
     assert reads < 1_000, reads
 
 
+async def test_a_task_deleted_while_awaited_on_a_busy_system_gives_none(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    # Finishes announced without pause (a busy worker) left no quiet moment for the
+    # fallback poll, the only read that notices a task gone.
+    task_id = await queue.enqueue(add, 1, 1)
+    finishes = await backend.watch_finished()
+    waiting = asyncio.create_task(queue.get_result(task_id, timeout=30))
+    await wait_until(lambda: bool(queue._watches))
+    assert await backend.delete(task_id)
+
+    async def announce_finishes() -> None:
+        while True:
+            finishes.notify()
+            await asyncio.sleep(0.001)
+
+    busy = asyncio.create_task(announce_finishes())
+    try:
+        assert await asyncio.wait_for(waiting, 10) is None
+    finally:
+        busy.cancel()
+
+
 async def test_waiters_hear_a_failure_to_watch_for_finishes(
     backend: Backend, queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

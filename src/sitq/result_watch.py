@@ -63,13 +63,17 @@ class ResultWatch:
         woken = finishes.subscribe()
         pause = 0.005
         # Announced finishes and new waiters need only the finished rows among the
-        # waited ones; the fallback poll reads them all, to notice deleted tasks.
-        everything = True
+        # waited ones; every LONGEST_POLL (on a busy system too) a read takes them
+        # all, to notice deleted tasks.
+        last_full_read = float("-inf")
         try:
             while self._waiters:
                 woken.clear()
                 self._new_waiter.clear()
                 started = time.monotonic()
+                everything = started - last_full_read >= LONGEST_POLL
+                if everything:
+                    last_full_read = started
                 try:
                     await self._hand_out(list(self._waiters), everything)
                 except Exception as exc:
@@ -92,7 +96,6 @@ class ResultWatch:
                 finally:
                     for wakeup in wakeups:
                         wakeup.cancel()
-                everything = not done
                 if not done:
                     pause = min(pause * 1.5, LONGEST_POLL)
         finally:
