@@ -874,6 +874,33 @@ class _BackAfterSettles(MemoryBackend):
         return await super().settle(outcomes, claim)
 
 
+class _ReleasesHang(MemoryBackend):
+    """A store whose lease releases never answer: the storage went down at the stop."""
+
+    async def reschedule(self, outcome: Reschedule) -> bool:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_stop_cancels_every_running_task_though_releases_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first task's release hung, stop() gave up on it, and the other tasks were
+    # never cancelled: they ran on, unleased, after stop() returned.
+    import sitq.worker
+
+    monkeypatch.setattr(sitq.worker, "STOP_STORAGE_SECONDS", 0.2)
+    backend = _ReleasesHang()
+    queue = TaskQueue(backend)
+    await queue.enqueue_many([(async_busy, (60,)) for _ in range(3)])
+    worker = Worker(backend, max_concurrency=3)
+    await worker.start()
+    await wait_until(lambda: STATE.running == 3)
+    await asyncio.wait_for(worker.stop(timeout=0.05), 10)
+    await wait_until(lambda: STATE.running == 0)  # all three cancelled
+    assert worker._running == {}
+
+
 async def test_an_outage_ending_mid_settle_records_the_outcome_not_a_failure() -> None:
     # Found against a real PostgreSQL stopped for 65 s: the batch and the outcome
     # alone failed for want of a connection, the server came back, and the plain

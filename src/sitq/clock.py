@@ -66,10 +66,14 @@ class FakeClock:
 
     async def sleep_until(self, deadline: datetime, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        while self._now < deadline and not wakeup.is_set():
+        while not wakeup.is_set():
+            # The event first, then the time: an advance() from another thread in
+            # between either sets this event or moved the time before we read it.
             event = self._moved.get(loop)
             if event is None:
                 event = self._moved[loop] = asyncio.Event()
+            if self._now >= deadline:
+                return
             moved = asyncio.ensure_future(event.wait())
             woken = asyncio.ensure_future(wakeup.wait())
             try:

@@ -804,27 +804,32 @@ class Worker:
 
     async def _hand_back_running(self) -> None:
         """Cancel what still runs after the stop grace period and release its leases."""
-        for running in list(self._running.values()):
-            reserved = running.reserved
-            # Its slot is free from now on, so stop() returns even when a coroutine
-            # ignores the cancellation and runs on; whatever it does is not recorded.
+        # All cancelled and their slots freed before any round trip: with the storage
+        # down, a release can wait long, and stop() may give up on it (then the leases
+        # run out instead), but nothing may keep running here after stop() returns.
+        ended = list(self._running.values())
+        self._running.clear()
+        for running in ended:
+            # Whatever a coroutine that ignores the cancellation does is not recorded.
             running.handed_back = True
-            del self._running[reserved.id]
             if running.future is not None:
                 running.future.cancel()
-            try:
-                await self.backend.reschedule(
-                    Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
-                )
-            except Exception:
-                logger.exception(
-                    "could not hand back task %s; it runs again when its lease runs out",
-                    reserved.id,
-                )
-                continue
-            logger.warning("handed back task %s unfinished at shutdown", reserved.id)
         if self._wake is not None:
             self._wake.set()
+        await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
+
+    async def _release_lease(self, reserved: ReservedTask) -> None:
+        try:
+            await self.backend.reschedule(
+                Reschedule(reserved.id, self.name, self.clock.now(), undo_attempt=True)
+            )
+        except Exception:
+            logger.exception(
+                "could not hand back task %s; it runs again when its lease runs out",
+                reserved.id,
+            )
+            return
+        logger.warning("handed back task %s unfinished at shutdown", reserved.id)
 
 
 def _being_cancelled() -> bool:
