@@ -26,6 +26,7 @@ from sitq.cli.common import (
     json_option,
     limit_option,
     open_backend,
+    parsed_by,
     with_queue,
 )
 from sitq.core import FINISHED_STATUSES, Task, TaskStatus
@@ -271,7 +272,7 @@ def messages_list(
 @backend_option
 @click.option(
     "--older-than",
-    callback=output.duration_option,
+    callback=parsed_by(output.parse_duration),
     required=True,
     help="Only jobs that finished longer ago than this: 7d, 12h, 30m, 45s, 1h30m.",
 )

@@ -8,7 +8,7 @@ import re
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -58,15 +58,26 @@ limit_option = click.option(
 )
 
 
-def checked_queue_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A click callback: a queue name the API accepts, or a usage error naming the
-    option (a name no backend can store, say, was an unexpected error, exit 3)."""
-    if value is None:
-        return None
-    try:
-        return queue_name(value)
-    except ValidationError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
+def parsed_by(
+    parse: Callable[[Any], T],
+) -> Callable[[click.Context, click.Parameter, Any], T | None]:
+    """A click callback that turns an option's value into ``parse(value)``: what
+    ``parse`` refuses with a ValueError (ValidationError is one) is a usage error
+    naming the option, not an unexpected error (exit 3) from deeper down."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> T | None:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+
+    return callback
+
+
+#: A queue name the API accepts (one no backend can store exited 3).
+checked_queue_name = parsed_by(queue_name)
 
 
 def open_backend(url: str | None, *, must_exist: bool) -> Backend:

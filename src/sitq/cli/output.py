@@ -57,18 +57,6 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def duration_option(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> timedelta | None:
-    """A click callback that reads :func:`parse_duration` strings."""
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
 def format_age(delta: timedelta | None) -> str:
     """A compact age: ``45s``, ``3m12s``, ``2h05m``, ``3d04h``; ``-`` for none."""
     if delta is None:

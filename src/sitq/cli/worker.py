@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -34,9 +33,17 @@ from datetime import timedelta
 import click
 
 from sitq.backends.base import Backend
-from sitq.cli.common import BACKEND_ENV, EXIT_USAGE, CliError, backend_option, open_backend
+from sitq.cli.common import (
+    BACKEND_ENV,
+    EXIT_USAGE,
+    CliError,
+    backend_option,
+    open_backend,
+    parsed_by,
+)
 from sitq.cli.output import configure_logging, parse_duration
 from sitq.errors import ValidationError
+from sitq.scheduling import seconds_from
 from sitq.worker import Worker
 
 logger = logging.getLogger("sitq.cli")
@@ -69,13 +76,6 @@ def _retention(text: str) -> timedelta | None:
     if text.strip().lower() in {"never", "forever", "none"}:
         return None
     return parse_duration(text)
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    """A click callback: FloatRange lets nan through (every comparison with it is false)."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value}", ctx, param)
-    return value
 
 
 def _split(values: Sequence[str]) -> list[str]:
@@ -123,7 +123,8 @@ def _split(values: Sequence[str]) -> list[str]:
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
-    callback=_finite,
+    # FloatRange lets nan through (every comparison with it is false).
+    callback=parsed_by(lambda value: seconds_from(value, "--grace").total_seconds()),
     default=30.0,
     show_default=True,
     envvar="SITQ_GRACE",
@@ -153,7 +154,8 @@ def _split(values: Sequence[str]) -> list[str]:
     show_default=True,
     envvar="SITQ_RETENTION",
     show_envvar=True,
-    help="Delete finished jobs older than this (or 'never').",
+    callback=parsed_by(_retention),
+    help="Delete finished tasks older than this (or 'never').",
 )
 @click.option(
     "--import",
@@ -196,7 +198,7 @@ def worker_command(
     grace: float,
     burst: bool,
     processes: int,
-    retention: str,
+    retention: timedelta | None,
     imports: Sequence[str],
     name: str | None,
     log_level: str,
@@ -204,10 +206,6 @@ def worker_command(
 ) -> None:
     """Run tasks until SIGTERM or SIGINT (a second signal exits at once)."""
     with _stop_before_start():
-        try:
-            kept = _retention(retention)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--retention") from None
         configure_logging(log_level, log_format)
         backend = open_backend(backend_url, must_exist=False)
         assert backend_url is not None  # open_backend refused a missing URL
@@ -223,7 +221,7 @@ def worker_command(
             visibility_timeout=visibility_timeout,
             grace=grace,
             burst=burst,
-            retention=kept,
+            retention=retention,
             imports=tuple(_split(imports)),
             name=name,
             log_level=log_level,
