@@ -139,6 +139,12 @@ def _maybe_time(value: int | None) -> datetime | None:
     return None if value is None else from_micros(value)
 
 
+def _marks(values: Sequence[object]) -> str:
+    """The placeholders of an ``IN (...)`` list of ``values``; ``NULL`` (matching
+    nothing) for none, as ``IN ()`` is not SQL."""
+    return ", ".join("?" * len(values)) or "NULL"
+
+
 def _next_level(conn: sqlite3.Connection, kind: JobKind, below: int | None = None) -> int | None:
     """The highest priority among pending jobs of ``kind`` (below ``below``, if given):
     one probe of sitq_jobs_due."""
@@ -413,7 +419,7 @@ class SQLiteBackend(Backend):
         now = to_micros(request.now)
         queue_filter = ""
         if request.queues is not None:
-            queue_filter = f" AND queue IN ({', '.join('?' * len(request.queues))})"
+            queue_filter = f" AND queue IN ({_marks(request.queues)})"
         # Jobs whose lease ran out (a dead or stuck worker's) compete with due jobs
         # for the slots. The best ``limit`` of them turn 'pending' for the search
         # below, owner kept, and those it does not take go back to 'running': the
@@ -493,7 +499,7 @@ class SQLiteBackend(Backend):
     ) -> LeaseReport:
         if not ids:
             return LeaseReport()
-        marks = ", ".join("?" * len(ids))
+        marks = _marks(ids)
 
         def work(conn: sqlite3.Connection) -> LeaseReport:
             rows = conn.execute(
@@ -681,10 +687,10 @@ class SQLiteBackend(Backend):
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if query.ids is not None:
-            clauses.append(f"id IN ({', '.join('?' * len(query.ids)) or 'NULL'})")
+            clauses.append(f"id IN ({_marks(query.ids)})")
             params.extend(query.ids)
         if query.statuses is not None:
-            clauses.append(f"status IN ({', '.join('?' * len(query.statuses)) or 'NULL'})")
+            clauses.append(f"status IN ({_marks(query.statuses)})")
             params.extend(status.value for status in query.statuses)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._read(
@@ -718,7 +724,7 @@ class SQLiteBackend(Backend):
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
         queue_filter = ""
         if queues is not None:
-            queue_filter = f" AND queue IN ({', '.join('?' * len(queues))})"
+            queue_filter = f" AND queue IN ({_marks(queues)})"
 
         def earliest(conn: sqlite3.Connection) -> int | None:
             # Level by level, as the claim does: min(available_at) over all priorities
@@ -756,13 +762,13 @@ class SQLiteBackend(Backend):
     ) -> int:
         if not statuses:
             return 0
-        conditions = [f"status IN ({', '.join('?' * len(statuses))})"]
+        conditions = [f"status IN ({_marks(statuses)})"]
         params: list[Any] = [status.value for status in statuses]
         if kind is not None:
             conditions.append("kind = ?")
             params.append(kind)
         if queues is not None:
-            conditions.append(f"queue IN ({', '.join('?' * len(queues))})")
+            conditions.append(f"queue IN ({_marks(queues)})")
             params.extend(queues)
         where = " AND ".join(conditions)
         return await self._write(
