@@ -589,18 +589,17 @@ class Consumer(_Client):
         in the queue (``visible_at``, which orders them and ages the queue's oldest
         pending) both unchanged. A message whose read counts is visible from now.
         """
-        if undo_read:
-            await self._give_back([(message.id, message.visible_at) for message in messages])
-        else:
-            now = self.clock.now()
-            await self._give_back([(message.id, now) for message in messages], undo_read=False)
+        held = [(message.id, message.visible_at) for message in messages]
+        await self._give_back(held, undo_read=undo_read)
 
     async def _give_back(
         self, held: Sequence[tuple[str, datetime]], *, undo_read: bool = True
     ) -> None:
-        """Make held jobs, given as (id, visible from), pending again."""
+        """Make held jobs, given as (id, the visible_at they had), pending again: as
+        they were, or, when the read counts, visible from now."""
         now = self.clock.now()
-        for message_id, visible in held:
+        for message_id, visible_at in held:
+            visible = visible_at if undo_read else now
             try:
                 await self.backend.reschedule(
                     Reschedule(message_id, self._holder, visible, undo_attempt=undo_read, now=now)

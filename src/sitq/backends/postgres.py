@@ -193,7 +193,6 @@ class PostgresBackend(Backend):
         self.max_size = max_size
         self.connect_timeout = connect_timeout
         self._sql = Statements.for_schema(name)
-        self._migration_table_name = f'"{name}".sitq_migrations'
         # One pool and one listener per event loop: asyncio connections belong to the
         # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
         # (asyncio.run) may share this object.
@@ -401,25 +400,17 @@ class PostgresBackend(Backend):
         # Look before creating anything: CREATE ... IF NOT EXISTS needs the CREATE
         # privilege even when there is nothing to create, and an account allowed only
         # rows must be able to open a schema that a deploy step migrated.
-        cursor = await conn.execute("SELECT to_regclass(%s)", (self._migration_table_name,))
-        row = await cursor.fetchone()
-        if row is not None and row[0] is not None:
-            cursor = await conn.execute(
-                f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
+        version, known = await self._schema_version(conn), len(self._sql.migrations)
+        if version > known:
+            message = (
+                f"schema {self.schema} is at version {version}, newer than this sitq "
+                f"knows ({known}): upgrade sitq here"
             )
-            found = await cursor.fetchone()
-            version = int(found[0]) if found else 0
-            known = len(self._sql.migrations)
-            if version > known:
-                message = (
-                    f"schema {self.schema} is at version {version}, newer than this sitq "
-                    f"knows ({known}): upgrade sitq here"
-                )
-                if refuse_newer:
-                    raise BackendError(message)
-                logger.warning("%s", message)
-            if version >= known:
-                return 0
+            if refuse_newer:
+                raise BackendError(message)
+            logger.warning("%s", message)
+        if version >= known:
+            return 0
         # Serialises concurrent migrators (CREATE SCHEMA IF NOT EXISTS alone races);
         # the lock is released at commit.
         await conn.execute(
@@ -428,11 +419,7 @@ class PostgresBackend(Backend):
         )
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
         await conn.execute(self._sql.migration_table)
-        cursor = await conn.execute(
-            f"SELECT coalesce(max(version), 0) FROM {self._sql.schema}.sitq_migrations"
-        )
-        row = await cursor.fetchone()
-        current = int(row[0]) if row else 0
+        current = await self._schema_version(conn)  # another migrator may have run
         pending = self._sql.migrations[current:]
         for number, script in enumerate(pending, start=current + 1):
             await conn.execute(script)
@@ -441,6 +428,17 @@ class PostgresBackend(Backend):
                 (number,),
             )
         return len(pending)
+
+    async def _schema_version(self, conn: Conn) -> int:
+        """How many migrations the schema has had (0 without its migrations table)."""
+        table = f"{self._sql.schema}.sitq_migrations"
+        cursor = await conn.execute("SELECT to_regclass(%s)", (table,))
+        found = await cursor.fetchone()
+        if found is None or found[0] is None:
+            return 0
+        cursor = await conn.execute(f"SELECT coalesce(max(version), 0) FROM {table}")
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     # -- connections, transactions, errors ------------------------------------------------
 
