@@ -717,6 +717,52 @@ async def test_process_heartbeat_keeps_a_slow_message_hidden(
     assert await asyncio.wait_for(running, 10) == 1
 
 
+async def test_process_heartbeat_racing_an_archive_reports_no_loss(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A heartbeat whose extension reached the storage just after the handler's
+    # archive found the message no longer running and logged it "lost to another
+    # consumer", though nobody else had it.
+    clock = FakeClock()
+    producer, consumer = make(backend, clock)
+    message_id = await producer.enqueue({"n": 1})
+    handling, finish = asyncio.Event(), asyncio.Event()
+    extending, archived = asyncio.Event(), asyncio.Event()
+    reports: list[frozenset[str]] = []
+    extend, settle = backend.extend_leases, backend.settle
+
+    async def late_extend(*args: Any) -> Any:
+        extending.set()
+        await archived.wait()
+        report = await extend(*args)
+        reports.append(report.lost)
+        return report
+
+    async def settle_then_signal(*args: Any) -> Any:
+        settled = await settle(*args)
+        archived.set()
+        return settled
+
+    monkeypatch.setattr(backend, "extend_leases", late_extend)
+    monkeypatch.setattr(backend, "settle", settle_then_signal)
+
+    async def handler(message: Message) -> None:
+        handling.set()
+        await finish.wait()
+
+    running = asyncio.create_task(consumer.process(handler))
+    await asyncio.wait_for(handling.wait(), 10)
+    clock.advance(consumer.heartbeat_interval)
+    await asyncio.wait_for(extending.wait(), 10)
+    finish.set()
+    await wait_until(lambda: reports)
+
+    assert reports == [frozenset({message_id})]  # the race happened
+    assert "lost message" not in caplog.text
+    consumer.stop()
+    assert await asyncio.wait_for(running, 10) == 1
+
+
 def _is(backend: Backend, job_id: str, status: TaskStatus) -> Callable[[], Any]:
     async def check() -> bool:
         return await status_of(backend, job_id) is status

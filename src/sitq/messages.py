@@ -500,8 +500,9 @@ class Consumer(_Client):
         await self._ready()
         wake = await self._subscribe()
         held: dict[str, Message] = {}
+        settling: set[str] = set()  # held ids whose archive or release has begun
         beat_stop = asyncio.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(held, beat_stop))
+        heartbeat = asyncio.create_task(self._heartbeat(held, settling, beat_stop))
         processed = 0
         current: str | None = None
         try:
@@ -527,9 +528,10 @@ class Consumer(_Client):
                     if self._stopping:
                         break
                     current = message.id
-                    await self._handle(handler, message, retry_wait)
+                    await self._handle(handler, message, retry_wait, settling)
                     current = None
                     del held[message.id]
+                    settling.discard(message.id)
                     processed += 1
         finally:
             beat_stop.set()
@@ -541,7 +543,9 @@ class Consumer(_Client):
             await self._hand_back(list(held.values()))
         return processed
 
-    async def _handle(self, handler: Handler, message: Message, retry_wait: timedelta) -> None:
+    async def _handle(
+        self, handler: Handler, message: Message, retry_wait: timedelta, settling: set[str]
+    ) -> None:
         try:
             if inspect.iscoroutinefunction(handler):
                 await handler(message)
@@ -557,13 +561,16 @@ class Consumer(_Client):
             outcome: Awaitable[bool] = self.release(message.id, retry_wait)
         else:
             outcome = self.archive(message.id)
+        settling.add(message.id)
         try:
             await outcome
         except Exception:
             # The message stays held until its timeout runs out, then is read again.
             logger.exception("could not settle message %s; it will be redelivered", message.id)
 
-    async def _heartbeat(self, held: dict[str, Message], stop: asyncio.Event) -> None:
+    async def _heartbeat(
+        self, held: dict[str, Message], settling: set[str], stop: asyncio.Event
+    ) -> None:
         """Extend the timeouts of the held messages every ``heartbeat_interval``."""
         while True:
             await self.clock.sleep_until(self.clock.now() + self.heartbeat_interval, stop)
@@ -579,7 +586,10 @@ class Consumer(_Client):
                 logger.exception("could not extend message visibility; will try again")
                 continue
             for message_id in report.lost:
-                logger.warning("lost message %s to another consumer", message_id)
+                # One archived or released while the extension was on its way is not
+                # lost: it is simply no longer running.
+                if message_id in held and message_id not in settling:
+                    logger.warning("lost message %s to another consumer", message_id)
 
     async def _hand_back(self, messages: Sequence[Message], *, undo_read: bool = True) -> None:
         """Make held messages visible again at once.
