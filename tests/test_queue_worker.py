@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from conftest import POSTGRES_DSN, require_postgres
 from helpers import wait_until
 from sitq import (
     BackendError,
@@ -1185,6 +1187,42 @@ def test_closing_a_sync_task_queue_ends_calls_waiting_in_other_threads(
     assert not waiter.is_alive(), "a waiting get_result outlived close()"
     assert len(outcome) == 1 and isinstance(outcome[0], SyncClientError)
     assert "closed while the call waited" in str(outcome[0])
+
+
+def _connections_to_the_test_database() -> int:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_dropped_sync_task_queue_stops_its_thread_and_closes_its_backend(
+    kind: str, make_backend: Callable[[str], Backend], tmp_path: Path
+) -> None:
+    # Made per request and never closed, each client kept its loop thread (and its
+    # connections) until the process exited.
+    if kind == "postgres":
+        require_postgres()
+        before = _connections_to_the_test_database()
+    client = SyncTaskQueue(make_backend(kind))
+    client.enqueue(add, 1, 2)
+    thread = client._thread
+    with pytest.warns(ResourceWarning, match="dropped without close"):
+        del client
+        gc.collect()
+    thread.join(10)
+
+    assert not thread.is_alive()
+    if kind == "sqlite":  # the last connection to close removes the write-ahead log
+        assert not (tmp_path / "sitq.db-wal").exists()
+    else:
+        assert _connections_to_the_test_database() == before
 
 
 async def test_a_refused_close_inside_a_loop_leaves_the_sync_client_open(

@@ -3,14 +3,19 @@
 One private event loop runs in a daemon thread for the life of the client; every
 method submits the matching ``TaskQueue`` coroutine to it and blocks for the answer.
 Nothing is implemented twice, and the backend's connections live on that one loop.
+A client dropped without ``close()`` is wound down when it is garbage-collected, with
+a ``ResourceWarning``, as an unclosed file is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -22,6 +27,8 @@ from sitq.errors import SyncClientError
 from sitq.queue import PURGEABLE, TaskQueue
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class SyncTaskQueue:
@@ -42,10 +49,15 @@ class SyncTaskQueue:
         self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="sitq-sync-client", daemon=True
+            target=_run_until_stopped, args=(self._loop,), name="sitq-sync-client", daemon=True
         )
         self._thread.start()
         self._closed = False
+        # Dropped without close(): stop the thread and close the connections then, not
+        # at exit (a client made per request would otherwise pile up threads). Not at
+        # exit itself: the daemon thread simply ends there, as before.
+        self._abandoned = weakref.finalize(self, _wind_down, self._loop, self._queue, self._pid)
+        self._abandoned.atexit = False
         # Calls waiting for the loop, from any thread: close() ends them.
         self._in_flight: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
@@ -126,10 +138,10 @@ class SyncTaskQueue:
 
     def _stop_loop(self) -> None:
         self._closed = True
+        self._abandoned.detach()
         asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._thread.join()  # the thread closes the loop as it ends
 
     @property
     def queue(self) -> TaskQueue:
@@ -188,6 +200,37 @@ class SyncTaskQueue:
     ) -> int:
         # progress is called on the client's loop thread, between batches.
         return self._call(self._queue.purge, older_than, statuses, progress=progress)
+
+
+def _run_until_stopped(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _wind_down(loop: asyncio.AbstractEventLoop, queue: TaskQueue, pid: int) -> None:
+    """Finalizer of a client dropped without close(): close its backend and stop its
+    loop thread. It may run in any thread, the loop's own included, so it only
+    schedules the work there and never waits for it."""
+    if os.getpid() != pid or loop.is_closed():
+        return  # a forked child's copy: the thread and loop live in the parent
+    warnings.warn(
+        "a SyncTaskQueue was dropped without close(); use it as a context manager",
+        ResourceWarning,
+        stacklevel=1,
+    )
+
+    async def close_and_stop() -> None:
+        try:
+            await queue.close()
+        except Exception:
+            logger.exception("could not close the dropped SyncTaskQueue's backend")
+        finally:
+            await _cancel_the_rest()
+            loop.stop()
+
+    loop.call_soon_threadsafe(loop.create_task, close_and_stop())
 
 
 async def _cancel_the_rest() -> None:
