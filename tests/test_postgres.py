@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,6 +244,56 @@ async def test_a_producer_goes_on_after_the_client_it_shared_with_closed(pg_sche
     await producer.enqueue({"n": 2})
     assert len(await Consumer(backend, "jobs").dequeue(batch_size=5)) == 2
     await backend.close()
+
+
+async def test_a_worker_listens_again_after_its_backend_was_closed_under_it(
+    pg_schema: str,
+) -> None:
+    # A client closing the shared backend once too often closed the pool (and the
+    # LISTEN connection) under a running worker: it reconnected where used, but no
+    # longer heard NOTIFYs and found new work only at its poll interval.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    other_host = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    worker = Worker(backend, poll_interval=3600)
+    async with TaskQueue(other_host) as client:
+        await backend.open()
+        await worker.start()
+        await backend.wait_listening()
+        await backend.close()
+        await backend.close()  # one more than it opened: the pool goes under the worker
+        try:
+            task_id = await client.enqueue(pg_tasks.noop)
+            result = await client.get_result(task_id, timeout=10)
+            assert result is not None and result.status == "success"
+            # And NOTIFYs keep coming: the next one too is started at once.
+            task_id = await client.enqueue(pg_tasks.noop)
+            result = await client.get_result(task_id, timeout=10)
+            assert result is not None and result.status == "success"
+        finally:
+            await worker.stop()
+
+
+async def test_a_consumer_listens_again_after_its_backend_was_closed_under_it(
+    pg_schema: str,
+) -> None:
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    producer = Producer(PostgresBackend(POSTGRES_DSN, schema=pg_schema), "jobs")
+    consumer = Consumer(backend, "jobs", poll_interval=3600)
+    seen: list[Any] = []
+    await backend.open()
+    processing = asyncio.create_task(consumer.process(lambda message: seen.append(message.payload)))
+    try:
+        await backend.wait_listening()
+        await backend.close()
+        await backend.close()  # the pool and LISTEN connection go under the consumer
+        for n in (1, 2):
+            await producer.enqueue({"n": n})
+            await wait_until(lambda n=n: len(seen) == n)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(processing, 10)
+        await producer.backend.close()
+        await backend.close()
 
 
 async def test_no_connection_in_time_fails_once_not_twice(pg_schema: str) -> None:

@@ -628,6 +628,8 @@ class Consumer(_Client):
         deadline = now + self.poll_interval
         if look_ahead:
             try:
+                # Listening again if the backend was closed and reopened under us.
+                await self.backend.watch_work()
                 due = await self.backend.next_due(_KIND, (self.queue,))
             except Exception:
                 # The storage failed: sleep the poll interval; the next claim retries.

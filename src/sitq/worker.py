@@ -415,6 +415,8 @@ class Worker:
         # late whenever a long task occupied another slot.
         if len(self._running) < self.max_concurrency:
             try:
+                # Listening again if the backend was closed and reopened under us.
+                await self.backend.watch_work()
                 next_due = await self.backend.next_due("task", self.queues)
             except Exception:
                 # Storage is down: sleep the poll interval, then the claim retries.

@@ -240,9 +240,9 @@ class Backend(abc.ABC):
 
     async def watch_work(self) -> None:  # noqa: B027 - optional hook
         """Make :attr:`wakeup` hear of new work from other processes, where the backend
-        can: called by workers and consumers before they wait on it. A backend starts
-        listening here, not in :meth:`open`, so a process that only enqueues is never
-        woken."""
+        can: called by workers and consumers before each wait on it, so it must be
+        cheap once listening. A backend starts listening here, not in :meth:`open`, so a
+        process that only enqueues is never woken."""
 
     async def watch_finished(self) -> Wakeup:
         """The wake-up set when jobs finish, for callers waiting on a result.

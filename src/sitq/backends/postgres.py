@@ -324,6 +324,12 @@ class PostgresBackend(Backend):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await state.pool.close()
+        if state.listeners:
+            # Anyone still waiting here (a worker whose backend was closed under it)
+            # no longer hears NOTIFYs: wake them to look, reconnect, and listen again
+            # (workers and consumers ask for listening before each wait).
+            self.wakeup.notify()
+            self._finished.notify()
 
     # Listening is lazy: a process that only enqueues (a web app, say) holds no LISTEN
     # connection and is not woken by every other producer's enqueue.
