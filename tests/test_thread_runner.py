@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from typing import Any
 
 import pytest
@@ -35,13 +36,20 @@ async def test_results_and_errors_reach_the_awaiting_task() -> None:
         runner.shutdown()
 
 
+def exhausted() -> None:
+    next(iter(()))
+
+
 async def test_stop_iteration_becomes_a_runtime_error() -> None:
     """An asyncio future refuses StopIteration; passing it on would lose the result of
     every call in the same hand-back and leave their tasks waiting forever."""
     runner = ThreadRunner(1, asyncio.get_running_loop())
     try:
-        with pytest.raises(RuntimeError, match="StopIteration"):
-            await runner.submit(lambda: next(iter(())))
+        with pytest.raises(RuntimeError, match="StopIteration") as raised:
+            await runner.submit(exhausted)
+        # The task's own frames were lost with the StopIteration; they are its cause.
+        assert isinstance(raised.value.__cause__, StopIteration)
+        assert "exhausted" in "".join(traceback.format_exception(raised.value))
     finally:
         runner.shutdown()
 

@@ -123,7 +123,9 @@ class ThreadRunner:
             try:
                 done: _Done = (future, True, call())
             except StopIteration as exc:  # a future cannot hold one (asyncio refuses it)
-                done = (future, False, RuntimeError(f"task raised StopIteration: {exc}"))
+                wrapped = RuntimeError(f"task raised StopIteration: {exc}")
+                wrapped.__cause__ = exc  # so the task's own frames stay in its traceback
+                done = (future, False, wrapped)
             except BaseException as exc:  # handed to the awaiting task, as an executor does
                 done = (future, False, exc)
             del item, call  # hold nothing of this call while waiting for the next
