@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ import cloudpickle
 import pytest
 
 from pg_tasks import record
+from sitq import SerializationError
 from sitq.serialization import DEFAULT_SERIALIZER, _by_reference_only
 
 
@@ -111,3 +113,26 @@ def test_what_only_cloudpickle_can_pickle_still_pickles() -> None:
     add = lambda x: x + offset  # noqa: E731 - a closure over a local, on purpose
     assert _by_reference_only(add) is None
     assert pickle.loads(DEFAULT_SERIALIZER.dumps(add))(1) == 11
+
+
+class _BrokenRepr:
+    def __repr__(self) -> str:
+        raise SystemExit("a __repr__ that exits")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"total": 10**5000, "lock": threading.Lock()},  # an int repr() refuses
+        [_BrokenRepr(), threading.Lock()],
+        [threading.Lock()] * 1_000_000,  # not rendered whole into the message
+    ],
+    ids=["huge-int", "repr-raises", "huge-list"],
+)
+def test_what_cannot_be_pickled_says_so_whatever_its_repr_does(value: object) -> None:
+    # The message's repr() of the value raised in place of the pickling error: a
+    # task's recorded failure named an int's digit limit, and enqueue raised
+    # ValueError (or SystemExit) instead of SerializationError.
+    with pytest.raises(SerializationError, match=r"cannot pickle .*lock") as raised:
+        DEFAULT_SERIALIZER.dumps(value)
+    assert len(str(raised.value)) < 400

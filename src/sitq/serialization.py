@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import reprlib
 from typing import Any, Protocol, runtime_checkable
 
 import cloudpickle
@@ -132,8 +133,18 @@ def _by_reference_only(obj: Any) -> bytes | None:
     return data
 
 
+_SHORT_REPR = reprlib.Repr()  # its limits as attributes: Python 3.11 takes no arguments
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = 160
+
+
 def _describe(obj: Any) -> str:
-    text = repr(obj)
+    """A short repr of ``obj`` for an error message. Never raises: the message says
+    why ``obj`` could not be pickled, and a failing ``repr`` (an int past Python's
+    digit limit, a broken ``__repr__``) must not take its place."""
+    try:
+        text = _SHORT_REPR.repr(obj)  # bounded: a huge list is not rendered whole
+    except BaseException:  # SystemExit from a __repr__ too
+        return f"a {type(obj).__name__} object"
     return text if len(text) <= 200 else text[:197] + "..."
 
 
