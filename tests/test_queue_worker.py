@@ -361,6 +361,33 @@ async def test_a_sync_task_that_returns_a_coroutine_has_it_run_on_the_loop(
     assert queue.deserialize_result(result) == (42, True)
 
 
+class _UnboundProxy:
+    """Like an unbound lazy proxy (werkzeug's LocalProxy outside its context)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        raise RuntimeError("working outside of application context")
+
+
+def returns_an_unbound_proxy() -> _UnboundProxy:
+    return _UnboundProxy()
+
+
+async def test_a_sync_result_whose_attributes_raise_fails_and_the_worker_goes_on(
+    queue: TaskQueue, backend: Backend
+) -> None:
+    # Asking whether it was awaitable raised in the thread's done-callback: the task
+    # stayed running for good (its lease renewed), and its slot was never freed.
+    proxy_id = await queue.enqueue(returns_an_unbound_proxy)
+    next_id = await queue.enqueue(add, 1, 2)
+
+    assert await asyncio.wait_for(Worker(backend).serve(burst=True), 10) == 2
+    failed = await queue.get_result(proxy_id, timeout=1)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error is not None and "cannot pickle" in failed.error
+    done = await queue.get_result(next_id, timeout=1)
+    assert done is not None and queue.deserialize_result(done) == 3
+
+
 async def test_a_task_whose_thread_cannot_start_is_retried_and_the_worker_goes_on(
     queue: TaskQueue, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -565,7 +565,7 @@ class Worker:
             self._record_error(running, call, error)
         else:
             value = future.result()
-            if inspect.isawaitable(value):
+            if _awaitable(value):
                 # A sync function that returned a coroutine: it runs on the loop, and
                 # can be cancelled like an async task.
                 running.is_async = True
@@ -839,6 +839,17 @@ def _being_cancelled() -> bool:
     the task's own code raises, with no cancel() behind it, does not count)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _awaitable(value: Any) -> bool:
+    """``inspect.isawaitable``, but ``False`` for a value whose attribute lookups raise
+    (an unbound lazy proxy, say): it is recorded as a value then, or fails as one
+    that cannot be pickled. Raising here, in a thread's done-callback, left its task
+    running for good."""
+    try:
+        return inspect.isawaitable(value)
+    except BaseException:  # SystemExit from a __getattr__ too
+        return False
 
 
 def _describe(exc: BaseException) -> str:
