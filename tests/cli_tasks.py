@@ -50,3 +50,7 @@ class Point:
 
 def point(x: int) -> Point:
     return Point(x)
+
+
+def huge_int() -> int:
+    return 10**5000  # repr() refuses it: past Python's 4,300-digit limit

@@ -688,6 +688,18 @@ def test_show_prints_a_result_of_a_type_from_the_current_directory(sqlite_store:
     assert "Point(3)" in shown.stdout, shown.stdout
 
 
+def test_show_prints_the_task_when_its_value_has_no_repr(sqlite_store: Store) -> None:
+    # repr() of the value raised, and the command exited 3 printing nothing of the task.
+    task_id = sqlite_store.clients[0].enqueue(cli_tasks.huge_int)
+    ran = sitq("worker", "-b", sqlite_store.url, "--burst", "-i", "cli_tasks")
+    assert ran.returncode == 0, ran.stderr
+    for extra in ([], ["--json"]):
+        shown = sitq("tasks", "show", task_id, "--result", *extra, "-b", sqlite_store.url)
+        assert shown.returncode == 0, shown.stderr
+        assert task_id in shown.stdout and "success" in shown.stdout
+        assert "whose repr() failed" in shown.stdout, shown.stdout
+
+
 def test_postgres_urls_take_any_case_of_scheme_and_their_own_connect_timeout(
     pg_schema: str,
 ) -> None:

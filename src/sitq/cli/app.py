@@ -108,10 +108,17 @@ def tasks_show(backend_url: str | None, task_id: str, show_result: bool, as_json
         task = await _known(queue, task_id)
         value = None
         if show_result and task.result is not None:
+            # The task is shown whatever its value does: a custom serializer may raise
+            # anything, and repr() too (an int past Python's digit limit).
             try:
-                value = repr(queue.serializer.loads(task.result))
-            except SitqError as exc:
+                loaded = queue.serializer.loads(task.result)
+            except Exception as exc:
                 value = f"<cannot decode: {exc}>"
+            else:
+                try:
+                    value = repr(loaded)
+                except Exception as exc:
+                    value = f"<a {type(loaded).__name__} whose repr() failed: {exc}>"
         return task, value
 
     task, value = with_queue(backend_url, work)
