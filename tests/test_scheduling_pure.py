@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from sitq import FakeClock, Retry, RetryPolicy, ValidationError
+from sitq import FakeClock, Retry, RetryPolicy, TaskTimeoutError, ValidationError
 from sitq.scheduling import (
     MAX_DURATION,
     MAX_RETRIES,
@@ -387,3 +387,12 @@ def test_a_fake_clock_shared_by_two_event_loops_sleeps_on_each() -> None:
     # loop's event, fail at once and wait again, round after round (a busy loop).
     assert asyncio.run(sleep_until_woken()) == 1
     assert asyncio.run(sleep_until_woken()) == 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.2, "0.2"), (5, "5"), (1234567, "1234567"), (100000.5, "100000.5"), (1e-07, "1e-07")],
+)
+def test_a_timeout_error_shows_the_timeout_as_given(seconds: float, shown: str) -> None:
+    # ":g" printed 1234567 as 1.23457e+06 and 100000.5 as 100000.
+    assert str(TaskTimeoutError(seconds)) == f"task timed out after {shown} s"

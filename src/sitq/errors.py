@@ -46,7 +46,9 @@ class TaskTimeoutError(SitqError, TimeoutError):
     """A task ran longer than its ``timeout``; recorded as the task's failure."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"task timed out after {seconds:g} s")
+        # The timeout as given (``:g`` printed 1234567 as 1.23457e+06), without ".0".
+        shown = repr(float(seconds)).removesuffix(".0")
+        super().__init__(f"task timed out after {shown} s")
         self.seconds = seconds
 
 
