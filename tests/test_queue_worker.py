@@ -31,6 +31,7 @@ from conftest import POSTGRES_DSN, require_postgres
 from helpers import wait_until
 from sitq import (
     BackendError,
+    FakeClock,
     MemoryBackend,
     Producer,
     Result,
@@ -359,6 +360,32 @@ async def test_a_sync_task_that_returns_a_coroutine_has_it_run_on_the_loop(
     result = await queue.get_result(task_id, timeout=10)
     assert result is not None and result.status == "success", result
     assert queue.deserialize_result(result) == (42, True)
+
+
+SELF_CANCELLED_RUNS: list[str] = []
+
+
+async def cancels_itself(name: str) -> None:
+    SELF_CANCELLED_RUNS.append(name)
+    current = asyncio.current_task()
+    assert current is not None
+    current.cancel()  # as a library "cancelling the current task" would
+    await asyncio.sleep(0)
+
+
+async def test_an_async_task_that_cancels_itself_fails_once(
+    queue: TaskQueue, backend: Backend
+) -> None:
+    # Its CancelledError was taken for the worker's shutdown: no outcome, the run
+    # left to its lease, run again at each expiry, then failed as "WorkerLost".
+    SELF_CANCELLED_RUNS.clear()
+    task_id = await queue.enqueue(cancels_itself, "once")
+    assert await asyncio.wait_for(Worker(backend).serve(burst=True), 10) == 1
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "failed"
+    assert (result.attempts, SELF_CANCELLED_RUNS) == (1, ["once"])
+    assert (result.error or "").startswith("CancelledError")
+    assert "cancels_itself" in (result.traceback or "")
 
 
 class _UnboundProxy:
@@ -806,9 +833,35 @@ async def test_an_argument_whose_loading_error_cannot_be_formatted_fails_the_tas
     assert await Worker(backend).serve(burst=True) == 2
     result = await queue.get_result(task_id, timeout=0)
     assert result is not None and result.status == "failed"
-    assert "the notes cannot be read" in (result.error or "")
+    assert "cannot load this argument" in (result.error or "")
     ok = await queue.get_result(ok_id, timeout=0)
     assert ok is not None and ok.status == "success"
+
+
+def raise_unreadable_notes(counter: str) -> None:
+    with Path(counter).open("a") as runs:
+        runs.write("run\n")
+    raise _UnreadableNotesError("the real problem")
+
+
+async def test_an_error_that_cannot_be_formatted_keeps_its_text_and_retries(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # Formatting its traceback raised: the task was failed at once ("could not
+    # record this task's outcome"), its own error, frames and retries lost.
+    clock = FakeClock()
+    queue = TaskQueue(backend, clock=clock)
+    counter = tmp_path / "runs"
+    task_id = await queue.enqueue(raise_unreadable_notes, str(counter), max_retries=2)
+    worker = Worker(backend, clock=clock)
+    for _ in range(3):
+        await worker.serve(burst=True)
+        clock.advance(3600)
+    result = await queue.get_result(task_id, timeout=0)
+    assert result is not None and result.status == "failed"
+    assert (result.attempts, counter.read_text().count("run")) == (3, 3)
+    assert result.error == "_UnreadableNotesError: the real problem"
+    assert "raise_unreadable_notes" in (result.traceback or "")
 
 
 async def test_a_long_error_is_kept_by_its_start_and_end(

@@ -585,8 +585,8 @@ class Worker:
             except asyncio.CancelledError as exc:
                 if running.cancel_requested:
                     self._finish(running, TaskStatus.CANCELLED, error="cancelled while running")
-                elif _being_cancelled():  # by the worker, at shutdown, or by the loop's end
-                    raise
+                elif running.handed_back or self._torn_down():
+                    raise  # the worker's cancel, at shutdown or at the end of the loop
                 else:  # the task's own code raised it, say awaiting a cancelled helper
                     self._record_error(running, call, exc)
             except BaseException as exc:  # SystemExit too: see _record_error
@@ -595,6 +595,16 @@ class Worker:
                 self._record_value(running, call, value)
         finally:
             self._release(running)
+
+    def _torn_down(self) -> bool:
+        """Whether the worker's own task is ending or being cancelled: the end of
+        ``asyncio.run`` cancels every task at once, and a task's CancelledError is then
+        the loop's. Otherwise, with no cancel requested or hand-back, it is the task's
+        own (its code cancelled itself, or awaited a cancelled helper): a failure, not
+        a shutdown. Taken for a shutdown, the run went unrecorded and ran again at
+        each lease expiry, then failed as "WorkerLost"."""
+        main = self._main
+        return main is None or main.done() or main.cancelling() > 0
 
     def _record_value(self, running: _Running, call: TaskCall, value: Any) -> None:
         with self._recording(running):
@@ -698,7 +708,7 @@ class Worker:
             return
         reserved = running.reserved
         error = _storable(_describe(exc))
-        trace = _storable("".join(traceback.format_exception(exc)))
+        trace = _storable(_format_traceback(exc))
         if final or call is None or reserved.attempts >= reserved.max_attempts:
             self._finish(running, TaskStatus.FAILED, error=error, trace=trace)
             return
@@ -834,13 +844,6 @@ class Worker:
         logger.warning("handed back task %s unfinished at shutdown", reserved.id)
 
 
-def _being_cancelled() -> bool:
-    """Whether someone called cancel() on the current asyncio task (a CancelledError
-    the task's own code raises, with no cancel() behind it, does not count)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 def _awaitable(value: Any) -> bool:
     """``inspect.isawaitable``, but ``False`` for a value whose attribute lookups raise
     (an unbound lazy proxy, say): it is recorded as a value then, or fails as one
@@ -850,6 +853,20 @@ def _awaitable(value: Any) -> bool:
         return inspect.isawaitable(value)
     except BaseException:  # SystemExit from a __getattr__ too
         return False
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The exception's traceback, as ``traceback.format_exception`` gives it; for one it
+    cannot format (``__notes__`` that raise, say), its own frames and message. Raising
+    here cost the task its error text, its traceback and its remaining retries."""
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException:  # SystemExit from a property too
+        try:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+        except BaseException:
+            frames = ""
+        return f"Traceback (most recent call last):\n{frames}{_describe(exc)}\n"
 
 
 def _describe(exc: BaseException) -> str:
