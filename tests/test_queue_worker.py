@@ -388,6 +388,26 @@ async def test_an_async_task_that_cancels_itself_fails_once(
     assert "cancels_itself" in (result.traceback or "")
 
 
+async def test_stop_from_another_event_loop_stops_the_worker_there(
+    backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    # A worker serving in a thread of its own (Worker.run there, say), stopped from
+    # the main thread's loop: stop() raised "attached to a different loop", and the
+    # worker ended only by the accident of an unsafe wake-up, or at its poll interval.
+    backend = make_backend(backend_kind)
+    worker = Worker(backend, poll_interval=3600)
+    served: list[int] = []
+    thread = threading.Thread(target=lambda: served.append(asyncio.run(worker.serve())))
+    thread.start()
+    try:
+        await wait_until(lambda: worker._main is not None)
+        await asyncio.wait_for(worker.stop(), 10)
+        assert worker._main is None
+    finally:
+        thread.join(10)
+    assert not thread.is_alive() and served == [0]
+
+
 class _UnboundProxy:
     """Like an unbound lazy proxy (werkzeug's LocalProxy outside its context)."""
 

@@ -167,10 +167,18 @@ class Worker:
         (async ones) or abandoned (sync ones) and handed back to the queue so another
         worker runs them: their leases are released, not left to expire. It returns
         at most ``STOP_STORAGE_SECONDS`` after that even when the storage is down:
-        what it could not hand back or record is left to its lease.
+        what it could not hand back or record is left to its lease. It may be called
+        from another event loop (the worker serving in another thread): the stop is
+        then done on the worker's loop, and awaited here.
         """
         main = self._main
         if main is None:
+            return
+        home = main.get_loop()
+        if home is not asyncio.get_running_loop():
+            # Its events and tasks belong to that loop: touched from here, they raised
+            # "attached to a different loop" (and set the wake-up unsafely).
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), home))
             return
         self._stopping = True
         if self._wake is not None:
