@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import re
 import threading
 import time
@@ -362,6 +363,48 @@ def test_a_sync_client_and_a_worker_thread_share_one_backend(
     assert processed == [1]
     assert result is not None and client.deserialize_result(result) == 7
     assert backend._loops == {}
+
+
+def sessions_named(application_name: str) -> int:
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_pool_still_open_when_its_loop_ends_is_closed(pg_schema: str) -> None:
+    # asyncio.run ends by cancelling every task at once, the pool's own workers too:
+    # the pool's close() then raised CancelledError before it closed its idle
+    # connections, which stayed open until the garbage collector found them (it may
+    # not run for a long time; here it is off): each loop's connections stayed.
+    name = f"sitq_test_{uuid.uuid4().hex[:12]}"  # to count this test's sessions alone
+    dsn = make_conninfo(POSTGRES_DSN, application_name=name)
+    backend = PostgresBackend(dsn, schema=pg_schema, min_size=2)
+
+    async def open_and_close() -> None:
+        await backend.open()
+        await backend.close()
+
+    async def use() -> None:  # connects on this loop without open(), and no close()
+        assert await TaskQueue(backend).get_task("nothing") is None
+
+    async def open_only() -> None:
+        await backend.open()
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(open_and_close())
+        for loop_body in (use, use, open_only):
+            asyncio.run(loop_body())
+        assert backend._loops == {}
+        asyncio.run(wait_until(lambda: sessions_named(name) == 0))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_schema_name_is_validated() -> None:

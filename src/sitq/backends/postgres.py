@@ -38,6 +38,7 @@ import math
 import random
 import threading
 import uuid
+import weakref
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sitq.backends.base import (
@@ -110,12 +112,35 @@ class _LoopState:
     """The connections one event loop uses."""
 
     pool: AsyncConnectionPool[Conn]
+    #: Every connection the pool made (see _close_pool).
+    connections: weakref.WeakSet[Conn]
     #: open() calls not yet matched by a close(): the pool closes at the last one.
     users: int = 1
     #: Closes the pool if the loop ends without ``close()``.
     keeper: asyncio.Task[None] | None = None
     #: By channel; each started by the first wait for what its channel announces.
     listeners: dict[str, _Listener] = field(default_factory=dict)
+
+
+async def _close_pool(pool: AsyncConnectionPool[Conn], connections: weakref.WeakSet[Conn]) -> None:
+    """Close ``pool`` and its idle connections, even when closing it fails.
+
+    ``AsyncConnectionPool.close()`` takes the idle connections out of the pool, waits
+    for the pool's worker tasks, and only then closes them. At the end of
+    ``asyncio.run`` those workers were cancelled along with every other task, so the
+    wait raises ``CancelledError`` (as it does when the closer itself is cancelled)
+    and the connections, known to no one, stayed open until the garbage collector
+    found them. So they are closed here. One still lent out is mid-statement or
+    mid-transaction, not idle: its task gives it back to the closed pool, which
+    closes it.
+    """
+    try:
+        await pool.close()
+    except BaseException:
+        for conn in list(connections):
+            if conn.pgconn.transaction_status == TransactionStatus.IDLE:
+                await conn.close()  # does not wait: it only ends the session
+        raise
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
@@ -237,6 +262,11 @@ class PostgresBackend(Backend):
         self._opened = True
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        connections: weakref.WeakSet[Conn] = weakref.WeakSet()
+
+        async def track(conn: Conn) -> None:
+            connections.add(conn)
+
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.dsn,
             min_size=self.min_size,
@@ -245,19 +275,20 @@ class PostgresBackend(Backend):
             open=False,
             name=f"sitq-{self.schema}",
             reconnect_timeout=RECONNECT_TIMEOUT,
+            configure=track,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                await pool.close()
+                await _close_pool(pool, connections)
             if not isinstance(exc, Exception):  # cancelled: the pool is closed, go on
                 raise
             # The pool says only "initialization incomplete"; the server's own words
             # ("too many clients", "database ... does not exist") went to its log.
             reason = await self._connection_refusal() or str(exc)
             raise BackendError(f"cannot connect to PostgreSQL: {reason}") from exc
-        state = _LoopState(pool)
+        state = _LoopState(pool, connections)
         with self._loops_lock:
             self._loops[loop] = state
         try:
@@ -297,8 +328,10 @@ class PostgresBackend(Backend):
                     del self._loops[loop]
                     self._open_locks.pop(loop, None)
             if abandoned:
-                with contextlib.suppress(Exception):
-                    await state.pool.close()
+                # The CancelledError the pool's cancelled workers make close() raise
+                # (see _close_pool) is the one already on its way out of this task.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await _close_pool(state.pool, state.connections)
 
     async def close(self) -> None:
         """Match an open(): at the last, close this event loop's pool and listener.
@@ -323,7 +356,7 @@ class PostgresBackend(Backend):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await state.pool.close()
+        await _close_pool(state.pool, state.connections)
         if state.listeners:
             # Anyone still waiting here (a worker whose backend was closed under it)
             # no longer hears NOTIFYs: wake them to look, reconnect, and listen again
