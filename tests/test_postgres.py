@@ -8,12 +8,17 @@ fixture); this file covers what only PostgreSQL does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import os
 import re
+import select
+import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -742,6 +747,57 @@ async def test_a_plain_notify_wakes_subscribers(pg: PostgresBackend) -> None:
         await asyncio.wait_for(woken.wait(), 10)
     finally:
         pg.wakeup.unsubscribe(woken)
+
+
+def test_a_forked_child_hears_the_notifies_of_its_parent(pg_schema: str) -> None:
+    # A fork copied the backend object with its NOTIFY token, which marks a process's
+    # own NOTIFYs for its listener to skip: the child's worker slept through the
+    # parent's enqueues and started them only at its poll interval (an hour here).
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    with SyncTaskQueue(backend) as client:  # so the parent's pool is in use at the fork
+        report, reported = os.pipe()
+        stop, stopped = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: a worker, reporting in bytes; never return into pytest
+            try:
+
+                async def work() -> None:
+                    # The parent's loops, pools and listeners are not the child's.
+                    inherited = len(backend._loops)
+                    worker = Worker(backend, poll_interval=3600)
+                    await worker.start()
+                    await backend.wait_listening()
+                    os.write(reported, bytes([inherited]))
+                    told = asyncio.Event()
+                    asyncio.get_running_loop().add_reader(stop, told.set)
+                    await told.wait()
+                    await worker.stop()
+
+                asyncio.run(work())
+                os.write(reported, b"\x00")
+            finally:
+                os._exit(0)
+        os.close(reported)
+        try:
+            ready, _, _ = select.select([report], [], [], 20)
+            assert ready, "the child's worker did not start"
+            inherited = os.read(report, 1)
+            for _ in range(3):
+                task_id = client.enqueue(pg_tasks.noop)
+                result = client.get_result(task_id, timeout=10)
+                assert result is not None and result.status == "success"
+            assert inherited == b"\x00", "the child kept the parent's loop state"
+            os.write(stopped, b"\x00")
+            ready, _, _ = select.select([report], [], [], 20)
+            assert ready and os.read(report, 1) == b"\x00", "the child's worker did not stop"
+        finally:
+            for fd in (report, stop, stopped):
+                os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def listening_sessions(channel: str) -> int:

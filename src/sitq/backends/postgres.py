@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import threading
 import uuid
@@ -218,15 +219,27 @@ class PostgresBackend(Backend):
         self.max_size = max_size
         self.connect_timeout = connect_timeout
         self._sql = Statements.for_schema(name)
-        # One pool and one listener per event loop: asyncio connections belong to the
-        # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
-        # (asyncio.run) may share this object.
-        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
-        self._open_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
-        self._loops_lock = threading.Lock()
         self._opened = False
         self._migrated = False
+        self._start_in_this_process()
+        _BACKENDS.add(self)
+
+    def _start_in_this_process(self) -> None:
+        """The state that belongs to one process: set here, and again in the child
+        of a fork (see _after_fork_in_child)."""
+        # One pool and one listener per event loop: asyncio connections belong to the
+        # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
+        # (asyncio.run) may share this object. In a forked child the copies are the
+        # parent's: their loops do not run there, and their sockets are the parent's
+        # sessions, so they are dropped unclosed (psycopg never ends a connection
+        # that another process made).
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._open_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        # New in a child too: another thread of the parent may have held it at the fork.
+        self._loops_lock = threading.Lock()
         # Marks our own NOTIFYs so our listener can skip them (see postgres_listen).
+        # One per process: a forked child sharing its parent's skipped the parent's
+        # enqueues (and the parent the child's finishes), found only by polling.
         self._token = uuid.uuid4().hex
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -962,6 +975,19 @@ class PostgresBackend(Backend):
             return cursor.rowcount
 
         return await self._read(work)
+
+
+#: Every PostgresBackend alive in this process, for _after_fork_in_child.
+_BACKENDS: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._start_in_this_process()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _finishes_document(finishes: Sequence[Finish]) -> str:
