@@ -1258,6 +1258,41 @@ def test_a_sync_task_queue_copied_by_a_fork_refuses_in_the_child(tmp_path: Path)
         assert client.get_task(client.enqueue(add, 1, 1)) is not None
 
 
+def test_a_forked_child_can_wait_on_a_wakeup_its_parent_was_using() -> None:
+    # A fork copies a backend's Wakeup with its lock, held if another thread of the
+    # parent was notifying at that moment: the child's first wait hung for ever.
+    wakeup = MemoryBackend().wakeup
+    read, write = os.pipe()
+    with wakeup._lock:  # as another thread of the parent holding it at the fork
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: report in one byte, and never return into pytest
+            code = 1
+            try:
+
+                async def wait_for_a_notify() -> None:
+                    woken = wakeup.subscribe()
+                    wakeup.notify()
+                    await asyncio.wait_for(woken.wait(), 5)
+
+                asyncio.run(wait_for_a_notify())
+                code = 0
+            finally:
+                os.write(write, bytes([code]))
+                os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 10)
+        assert ready, "the child hung on the lock copied held"
+        assert os.read(read, 1) == b"\x00"
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 def _until(condition: Callable[[], object], timeout: float = 10) -> None:
     """Block until ``condition()`` holds (the sync client's tests run without a loop)."""
     deadline = time.monotonic() + timeout

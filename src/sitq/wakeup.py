@@ -9,13 +9,22 @@ LISTEN/NOTIFY) feed the same object.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import weakref
 
 
 class Wakeup:
     """Thread-safe broadcast to asyncio events living on any number of loops."""
 
     def __init__(self) -> None:
+        self._start_in_this_process()
+        _WAKEUPS.add(self)
+
+    def _start_in_this_process(self) -> None:
+        """Set here, and again in the child of a fork: the copied lock may have been
+        held by another thread of the parent (the child's first subscribe then hung),
+        and the copied waiters live on the parent's loops, which do not run here."""
         self._lock = threading.Lock()
         self._waiters: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
 
@@ -50,3 +59,15 @@ class Wakeup:
                     loop.call_soon_threadsafe(event.set)
                 except RuntimeError:  # the loop closed between the check and the call
                     pass
+
+
+_WAKEUPS: weakref.WeakSet[Wakeup] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for wakeup in list(_WAKEUPS):
+        wakeup._start_in_this_process()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
