@@ -61,6 +61,20 @@ def pg_schema() -> Iterator[str]:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def sessions_named(application_name: str) -> int:
+    """Open sessions carrying ``application_name``: a test's own, whatever else runs
+    on the server (other tests' schemas share the database)."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 BACKEND_KINDS = ["memory", "sqlite", "postgres"]
 
 

@@ -260,6 +260,13 @@ async def test_out_of_range_arguments_are_rejected_alike_on_every_backend(
             Consumer(backend, text)
         with pytest.raises(ValidationError, match="name"):
             Consumer(backend, "jobs", name=text)
+    # Holders join name, kind and queue with \x1f: one in a name let the consumer
+    # "a\x1fmessage:y" of queue x settle what the consumer "a" of queue y held.
+    with pytest.raises(ValidationError, match="name must not contain control characters"):
+        Consumer(backend, "x", name="a\x1fmessage:y")
+    for clock in (FakeClock, "utc"):  # a class was accepted and failed at first use
+        with pytest.raises(ValidationError, match="clock must be an object with now"):
+            Producer(backend, "jobs", clock=clock)  # type: ignore[arg-type]
     for message_id in (123, None, "a\x00", "\ud800"):
         for call in (
             consumer.archive,

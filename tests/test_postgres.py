@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import pg_tasks
-from conftest import POSTGRES_DSN
+from conftest import POSTGRES_DSN, sessions_named
 from helpers import wait_until
 from sitq import (
     BackendError,
@@ -368,16 +368,6 @@ def test_a_sync_client_and_a_worker_thread_share_one_backend(
     assert processed == [1]
     assert result is not None and client.deserialize_result(result) == 7
     assert backend._loops == {}
-
-
-def sessions_named(application_name: str) -> int:
-    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (application_name,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_a_pool_still_open_when_its_loop_ends_is_closed(pg_schema: str) -> None:

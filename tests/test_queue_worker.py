@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import POSTGRES_DSN, require_postgres
+from conftest import POSTGRES_DSN, require_postgres, sessions_named
 from helpers import wait_until
 from sitq import (
     BackendError,
@@ -51,7 +52,7 @@ from sitq import (
 )
 from sitq.backends.base import Backend, ClaimRequest, Outcome, Reschedule, Settled
 from sitq.queue import new_id
-from sitq.serialization import DEFAULT_SERIALIZER
+from sitq.serialization import DEFAULT_SERIALIZER, CloudpickleSerializer
 from sitq.worker import MAX_ERROR_CHARS
 
 # -- task functions and the state they share with the tests ------------------------------
@@ -485,6 +486,16 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
         ({"name": 123}, "name must be a str"),
         ({"name": ""}, "name must not be empty"),
         ({"serializer": "pickle"}, "serializer must have dumps"),
+        # A class has the methods too: it failed every task the worker claimed.
+        ({"serializer": CloudpickleSerializer}, "an instance, not a class"),
+        ({"clock": FakeClock}, "clock must be an object with now"),
+        ({"clock": "utc"}, "clock must be an object with now"),
+        # An empty iterator is truthy: the worker served no queue at all.
+        ({"queues": iter([])}, "queues must be a non-empty list"),
+        ({"queues": (name for name in ())}, "queues must be a non-empty list"),
+        ({"queues": 5}, "queues must be a non-empty list"),
+        # Its lease owner must not pass for a consumer's holder ("name\x1fmessage:q").
+        ({"name": "c\x1fmessage:q"}, "name must not contain control characters"),
     ],
 )
 def test_worker_rejects_bad_options_when_built(options: dict[str, Any], message: str) -> None:
@@ -500,6 +511,8 @@ def test_worker_rejects_bad_options_when_built(options: dict[str, Any], message:
         ({"queue_retry": [("emails", RetryPolicy())]}, "queue_retry must map"),
         ({"queue_retry": {"": RetryPolicy()}}, "queue"),
         ({"serializer": object()}, "serializer must have dumps"),
+        ({"serializer": CloudpickleSerializer}, "an instance, not a class"),
+        ({"clock": FakeClock}, "clock must be an object with now"),
     ],
 )
 def test_task_queue_rejects_bad_options_when_built(options: dict[str, Any], message: str) -> None:
@@ -515,6 +528,38 @@ async def test_a_bad_retry_option_is_rejected_and_a_falsy_one_not_ignored(
         with pytest.raises(ValidationError, match="retry must be a RetryPolicy"):
             await queue.enqueue(add, 1, 2, retry=bad)
     assert await queue.list_tasks() == []
+
+
+async def test_bad_batch_and_purge_arguments_are_refused_before_anything_changes(
+    backend: Backend, queue: TaskQueue
+) -> None:
+    # A mapping iterated its keys: {add: (1, 2)} was stored as add(), which failed in
+    # the worker. A progress that is not callable failed after the first batch went.
+    for calls in ({add: (1, 2)}, "add", 5):
+        with pytest.raises(ValidationError, match="calls must be an iterable"):
+            await queue.enqueue_many(calls)  # type: ignore[arg-type]
+    assert await queue.list_tasks() == []
+    task_id = await queue.enqueue(add, 1, 2)
+    assert await Worker(backend).serve(burst=True) == 1
+    with pytest.raises(ValidationError, match="progress must be callable"):
+        await queue.purge(progress="print")  # type: ignore[arg-type]
+    assert await queue.get_task(task_id) is not None
+
+
+@pytest.mark.parametrize("timeout", ["5", True, float("nan"), -1])
+async def test_stop_refuses_a_bad_timeout_and_keeps_working(backend: Backend, timeout: Any) -> None:
+    # "5" raised TypeError after the worker was told to stop; True counted as 1 s,
+    # nan as no timeout and -1 as 0 (running tasks handed back at once).
+    worker = Worker(backend, poll_interval=0.05)
+    await worker.start()
+    try:
+        with pytest.raises(ValidationError, match="timeout"):
+            await worker.stop(timeout=timeout)
+        task_id = await TaskQueue(backend).enqueue(add, 1, 2)
+        result = await TaskQueue(backend).get_result(task_id, timeout=10)
+        assert result is not None and result.status == "success"
+    finally:
+        await worker.stop()
 
 
 def takes_func_and_self(func: int, self: int) -> int:
@@ -1324,28 +1369,27 @@ def test_closing_a_sync_task_queue_ends_calls_waiting_in_other_threads(
     assert "closed while the call waited" in str(outcome[0])
 
 
-def _connections_to_the_test_database() -> int:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_DSN) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_a_dropped_sync_task_queue_stops_its_thread_and_closes_its_backend(
-    kind: str, make_backend: Callable[[str], Backend], tmp_path: Path
+    kind: str,
+    make_backend: Callable[[str], Backend],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Made per request and never closed, each client kept its loop thread (and its
     # connections) until the process exited.
+    name = f"sitq_test_{uuid.uuid4().hex[:12]}"  # to count this test's sessions alone
     if kind == "postgres":
         require_postgres()
-        before = _connections_to_the_test_database()
-    client = SyncTaskQueue(make_backend(kind))
+        from psycopg.conninfo import make_conninfo
+
+        from sitq.backends.postgres import PostgresBackend
+
+        dsn = make_conninfo(POSTGRES_DSN, application_name=name)
+        backend: Backend = PostgresBackend(dsn, schema=request.getfixturevalue("pg_schema"))
+    else:
+        backend = make_backend(kind)
+    client = SyncTaskQueue(backend)
     client.enqueue(add, 1, 2)
     thread = client._thread
     with pytest.warns(ResourceWarning, match="dropped without close"):
@@ -1357,7 +1401,7 @@ def test_a_dropped_sync_task_queue_stops_its_thread_and_closes_its_backend(
     if kind == "sqlite":  # the last connection to close removes the write-ahead log
         assert not (tmp_path / "sitq.db-wal").exists()
     else:
-        assert _connections_to_the_test_database() == before
+        assert sessions_named(name) == 0
 
 
 async def test_a_refused_close_inside_a_loop_leaves_the_sync_client_open(

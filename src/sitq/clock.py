@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from sitq.validation import implementation
+
 
 class Clock(Protocol):
     """Tells the current time (aware, UTC) and sleeps on that time scale."""
@@ -84,3 +86,10 @@ class FakeClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def clock_or_system(clock: Clock | None) -> Clock:
+    """The ``clock=`` argument of the API, checked; the system clock when ``None``."""
+    if clock is None:
+        return SYSTEM_CLOCK
+    return implementation(clock, "clock", ("now", "sleep_until"))

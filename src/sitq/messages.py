@@ -47,7 +47,7 @@ from sitq.backends.base import (
     Reschedule,
     TaskQuery,
 )
-from sitq.clock import SYSTEM_CLOCK, Clock
+from sitq.clock import Clock, clock_or_system
 from sitq.core import DeadLetter, JobKind, Message, ReservedTask, Task, TaskStatus
 from sitq.errors import (
     LeaseLostError,
@@ -59,7 +59,7 @@ from sitq.json_payload import JSON, encode_payload, payload_or_bytes
 from sitq.metrics import QueueMetrics, metrics_of
 from sitq.queue import checked_id, new_id, queue_name
 from sitq.scheduling import seconds_from
-from sitq.validation import INT32_MAX, int_in_range, storable_text
+from sitq.validation import INT32_MAX, int_in_range, worker_name
 
 logger = logging.getLogger("sitq.messages")
 
@@ -83,7 +83,7 @@ class _Client:
             raise ValidationError(f"backend must be a sitq Backend, got {type(backend).__name__}")
         self.backend = backend
         self.queue = queue_name(queue)
-        self.clock = clock or SYSTEM_CLOCK
+        self.clock = clock_or_system(clock)
         self._opened = False
 
     async def _ready(self) -> None:
@@ -218,8 +218,8 @@ class Consumer(_Client):
         poll = seconds_from(poll_interval, "poll_interval")
         if poll <= timedelta(0):
             raise ValidationError(f"poll_interval must be positive, got {poll_interval!r}")
-        if name is not None and not storable_text(name, "name"):
-            raise ValidationError("name must be a non-empty string")
+        if name is not None:
+            worker_name(name)
         self.visibility_timeout = lease
         self.poll_interval = poll
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

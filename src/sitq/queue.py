@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from sitq.backends.base import Backend, NewJob, QueueStats, TaskQuery
-from sitq.clock import SYSTEM_CLOCK, Clock
+from sitq.clock import Clock, clock_or_system
 from sitq.core import FINISHED_STATUSES, Result, Task, TaskStatus
 from sitq.errors import ResultTimeoutError, ValidationError
 from sitq.result_watch import ResultWatch
@@ -96,7 +96,7 @@ class TaskQueue:
             queue_name(name): _policy(policy, f"queue_retry[{name!r}]")
             for name, policy in (queue_retry or {}).items()
         }
-        self.clock = clock or SYSTEM_CLOCK
+        self.clock = clock_or_system(clock)
         # get_result's shared reader, one per event loop while it has waiters.
         self._watches: dict[asyncio.AbstractEventLoop, ResultWatch] = {}
 
@@ -171,6 +171,12 @@ class TaskQueue:
 
         Each call is a function, ``(func, args)`` or ``(func, args, kwargs)``.
         """
+        if isinstance(calls, Mapping | str | bytes) or not isinstance(calls, Iterable):
+            # A mapping iterates its keys: {add: (1, 2)} was stored as add(), no args.
+            raise ValidationError(
+                "calls must be an iterable of functions, (func, args) or (func, args, kwargs)"
+                f" tuples, got {type(calls).__name__}"
+            )
         resolved = self._resolve(options)
         jobs = [self._job(*_split_call(call), resolved) for call in calls]
         if jobs:
@@ -400,6 +406,10 @@ class TaskQueue:
         wanted = [_status(status) for status in statuses]
         if any(status not in FINISHED_STATUSES for status in wanted):
             raise ValidationError("purge only removes finished jobs")
+        if progress is not None and not callable(progress):
+            # Checked before the first batch goes: calling it after would fail with
+            # one batch deleted and the rest left.
+            raise ValidationError(f"progress must be callable, got {progress!r}")
         cutoff = self.clock.now() - seconds_from(older_than, "older_than")
         chosen = [s for s in wanted if s is not None]
         total = 0

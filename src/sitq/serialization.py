@@ -52,9 +52,12 @@ def stored_bytes(data: object, what: str) -> bytes:
 
 def checked(serializer: object) -> Serializer:
     """``serializer`` if it has the Serializer methods; ValidationError if not."""
-    if not isinstance(serializer, Serializer):
+    if isinstance(serializer, type) or not isinstance(serializer, Serializer):
+        # A class has the methods too (unbound): CloudpickleSerializer for
+        # CloudpickleSerializer() failed at the first enqueue, or every claimed task.
         raise ValidationError(
-            f"serializer must have dumps(obj) -> bytes and loads(bytes) methods, got {serializer!r}"
+            "serializer must have dumps(obj) -> bytes and loads(bytes) methods (an "
+            f"instance, not a class), got {serializer!r}"
         )
     return serializer
 

@@ -19,13 +19,13 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Outcome, Reschedule
-from sitq.clock import SYSTEM_CLOCK, Clock
+from sitq.clock import Clock, clock_or_system
 from sitq.core import FINISHED_STATUSES, ReservedTask, TaskStatus
 from sitq.errors import (
     Retry,
@@ -39,7 +39,7 @@ from sitq.scheduling import next_interval_run, seconds_from
 from sitq.serialization import DEFAULT_SERIALIZER, Serializer, checked, stored_bytes
 from sitq.task_call import TaskCall
 from sitq.thread_runner import ThreadRunner
-from sitq.validation import INT32_MAX, int_in_range, storable_text
+from sitq.validation import INT32_MAX, int_in_range, worker_name
 
 logger = logging.getLogger("sitq.worker")
 
@@ -108,7 +108,7 @@ class Worker:
         poll_interval: float = 1.0,
         visibility_timeout: float = 30.0,
         *,
-        queues: list[str] | tuple[str, ...] | None = None,
+        queues: Iterable[str] | None = None,
         retention: float | timedelta | None = timedelta(days=7),
         clock: Clock | None = None,
         name: str | None = None,
@@ -123,18 +123,26 @@ class Worker:
         lease = seconds_from(visibility_timeout, "visibility_timeout")
         if lease < timedelta(milliseconds=100):
             raise ValidationError("visibility_timeout must be at least 0.1 seconds")
-        if queues is not None and (isinstance(queues, str) or not queues):
-            raise ValidationError("queues must be a non-empty list of queue names")
-        if name is not None and not storable_text(name, "name"):
-            raise ValidationError("name must not be empty")
+        served = None
+        if queues is not None:
+            if isinstance(queues, str | bytes) or not isinstance(queues, Iterable):
+                raise ValidationError(
+                    f"queues must be a non-empty list of queue names, got {queues!r}"
+                )
+            # Materialized before the check: an empty iterator or generator is truthy.
+            served = tuple(queue_name(queue) for queue in queues)
+            if not served:
+                raise ValidationError("queues must be a non-empty list of queue names")
+        if name is not None:
+            worker_name(name)
         self.backend = backend
         self.serializer = DEFAULT_SERIALIZER if serializer is None else checked(serializer)
         self.max_concurrency = max_concurrency
         self.poll_interval = poll.total_seconds()
         self.lease = lease
-        self.queues = None if queues is None else tuple(queue_name(q) for q in queues)
+        self.queues = served
         self.retention = None if retention is None else seconds_from(retention, "retention")
-        self.clock = clock or SYSTEM_CLOCK
+        self.clock = clock_or_system(clock)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Renew leases well before they run out, and often enough to see cancellations.
         self.heartbeat_interval = max(0.05, min(lease.total_seconds() / 3, self.poll_interval))
@@ -171,6 +179,8 @@ class Worker:
         from another event loop (the worker serving in another thread): the stop is
         then done on the worker's loop, and awaited here.
         """
+        if timeout is not None:  # checked before the worker is told to stop
+            timeout = seconds_from(timeout, "timeout").total_seconds()
         main = self._main
         if main is None:
             return
