@@ -49,6 +49,7 @@ from sitq import (
     TaskStatus,
     ValidationError,
     Worker,
+    WorkerError,
 )
 from sitq.backends.base import Backend, ClaimRequest, Outcome, Reschedule, Settled
 from sitq.queue import new_id
@@ -389,8 +390,9 @@ async def test_an_async_task_that_cancels_itself_fails_once(
     assert "cancels_itself" in (result.traceback or "")
 
 
+@pytest.mark.parametrize("timeout", [None, 5.0])
 async def test_stop_from_another_event_loop_stops_the_worker_there(
-    backend_kind: str, make_backend: Callable[[str], Backend]
+    backend_kind: str, make_backend: Callable[[str], Backend], timeout: float | None
 ) -> None:
     # A worker serving in a thread of its own (Worker.run there, say), stopped from
     # the main thread's loop: stop() raised "attached to a different loop", and the
@@ -402,11 +404,126 @@ async def test_stop_from_another_event_loop_stops_the_worker_there(
     thread.start()
     try:
         await wait_until(lambda: worker._main is not None)
-        await asyncio.wait_for(worker.stop(), 10)
+        await asyncio.wait_for(worker.stop(timeout), 10)
         assert worker._main is None
     finally:
         thread.join(10)
     assert not thread.is_alive() and served == [0]
+
+
+async def test_a_stop_while_start_opens_the_backend_is_not_forgotten() -> None:
+    # start() registered the worker only once the backend was open: a stop() during
+    # the open returned at once, and the worker then served on.
+    backend = _SlowToOpen()
+    worker = Worker(backend, poll_interval=0.01)
+    starting = asyncio.create_task(worker.start())
+    await asyncio.wait_for(backend.opening.wait(), 10)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)
+    assert not stopping.done(), "stop() returned before the worker had stopped"
+    backend.may_open.set()
+    await asyncio.wait_for(asyncio.gather(starting, stopping), 10)
+    task_id = await TaskQueue(backend).enqueue(add, 1, 2)
+    assert worker._main is None
+    assert (await TaskQueue(backend).get_task(task_id)).status is TaskStatus.PENDING  # type: ignore[union-attr]
+
+
+class _OpensOnSecondTry(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def open(self) -> None:
+        self.tries += 1
+        if self.tries == 1:
+            raise BackendError("not yet")
+
+
+async def test_a_start_whose_open_failed_leaves_the_worker_ready_to_start_again() -> None:
+    backend = _OpensOnSecondTry()
+    worker = Worker(backend)
+    with pytest.raises(BackendError, match="not yet"):
+        await worker.start()
+    assert worker._main is None
+    task_id = await TaskQueue(backend).enqueue(add, 1, 2)
+    assert await worker.serve(burst=True) == 1
+    assert (await TaskQueue(backend).get_task(task_id)).status is TaskStatus.SUCCESS  # type: ignore[union-attr]
+
+
+async def test_two_starts_at_once_make_one_worker() -> None:
+    backend = _SlowToOpen()
+    worker = Worker(backend)
+    starts = asyncio.gather(worker.start(), worker.start(), return_exceptions=True)
+    await asyncio.wait_for(backend.opening.wait(), 10)
+    backend.may_open.set()
+    outcomes = await asyncio.wait_for(starts, 10)
+    assert outcomes[0] is None and isinstance(outcomes[1], WorkerError)
+    await worker.stop()
+
+
+async def test_stop_waits_for_the_worker_not_for_the_task_that_called_serve(
+    backend: Backend,
+) -> None:
+    # stop() awaited the whole task that called serve(): code after serve() in that
+    # task delayed it (or deadlocked, if that code waited for the stop), and a
+    # wait_for() timing out around stop() cancelled that task.
+    worker = Worker(backend, poll_interval=0.05)
+    after_serve = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def serve_then_wait_for_the_stop() -> int:
+        served = await worker.serve()
+        after_serve.set()
+        await stopped.wait()
+        return served
+
+    runner = asyncio.create_task(serve_then_wait_for_the_stop())
+    await wait_until(lambda: worker._main is not None)
+    await asyncio.wait_for(worker.stop(), 10)
+    stopped.set()
+    assert await asyncio.wait_for(runner, 10) == 0
+    assert after_serve.is_set()
+
+
+async def test_overlapping_stops_both_return_when_one_gives_up(backend: Backend) -> None:
+    # The stop without a timeout saw the worker's task cancelled by the one that gave
+    # up, and raised CancelledError in a caller nobody had cancelled.
+    queue = TaskQueue(backend)
+    await queue.enqueue(async_busy, 60)
+    worker = Worker(backend, poll_interval=0.05)
+    await worker.start()
+    await wait_until(lambda: worker._running)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(worker.stop(0.05), worker.stop(), return_exceptions=True), 20
+    )
+    assert outcomes == [None, None]
+
+
+async def test_cancelling_serve_cancels_the_async_tasks_it_ran(backend: Backend) -> None:
+    # They ran on, unwatched and their leases unrenewed, so another worker ran them
+    # again once the lease ran out; their outcomes were never recorded.
+    queue = TaskQueue(backend)
+    task_id = await queue.enqueue(async_busy, 60)
+    worker = Worker(backend, poll_interval=0.05)
+    serving = asyncio.create_task(worker.serve())
+    await wait_until(lambda: STATE.running == 1)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(serving, 10)
+    await wait_until(lambda: STATE.running == 0)
+    task = await queue.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.RUNNING  # left to its lease
+    assert worker._main is None
+
+
+def test_run_inside_a_running_loop_is_refused_cleanly() -> None:
+    async def call_run() -> None:
+        Worker(MemoryBackend()).run()
+
+    # Only the error: no "coroutine was never awaited" warning (an error here).
+    with pytest.raises(WorkerError, match="await serve"):
+        asyncio.run(call_run())
+    gc.collect()
 
 
 class _UnboundProxy:

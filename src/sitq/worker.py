@@ -160,13 +160,55 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start working in the background of the running loop and return at once."""
+        """Start working in the background of the running loop and return once the
+        backend is open (raising what opening it raised)."""
+        opened = asyncio.get_running_loop().create_future()
+        main = self._begin(burst=False, opened=opened)
+        # Opened here, in the caller's task, the worker's task waiting for the word:
+        # so nothing is claimed before start() has returned.
+        try:
+            await self._open()
+        except BaseException:
+            main.cancel()  # ended before this returns: a start() may follow at once
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+            if self._main is main:  # cancelled before it ran, it could not say so
+                self._main = None
+            raise
+        if main.done():  # stop() gave up on it while the backend opened
+            await self._close_backend()
+            return
+        opened.set_result(None)
+
+    def _begin(self, burst: bool, opened: asyncio.Future[None] | None = None) -> asyncio.Task[int]:
+        """The worker's own task, made at once: registered before any await, so a second
+        start() or serve() is refused and a stop() made while the backend opens is not
+        lost. With ``opened``, start() opens the backend and says when; without, the
+        task opens it itself."""
         if self._main is not None and not self._main.done():
             raise WorkerError("worker is already running")
         self._stopping = self._giving_up = False
+        self._main = asyncio.create_task(self._session(burst, opened), name=f"sitq-{self.name}")
+        return self._main
+
+    async def _session(self, burst: bool, opened: asyncio.Future[None] | None) -> int:
+        try:
+            if opened is None:
+                await self._open()
+            else:
+                await opened
+            return await self._serve(burst)
+        finally:
+            if self._main is asyncio.current_task():
+                self._main = None
+
+    async def _open(self) -> None:
         await self.backend.open()
-        await self._prepare()
-        self._main = asyncio.create_task(self._serve(burst=False), name=f"sitq-{self.name}")
+        try:
+            await self._prepare()
+        except BaseException:
+            await self._close_backend()
+            raise
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop claiming, let running tasks finish, and return.
@@ -182,67 +224,76 @@ class Worker:
         if timeout is not None:  # checked before the worker is told to stop
             timeout = seconds_from(timeout, "timeout").total_seconds()
         main = self._main
-        if main is None:
+        if main is None or main.done():
             return
         home = main.get_loop()
         if home is not asyncio.get_running_loop():
             # Its events and tasks belong to that loop: touched from here, they raised
             # "attached to a different loop" (and set the wake-up unsafely).
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), home))
+            stopping = asyncio.run_coroutine_threadsafe(self.stop(timeout), home)
+            try:
+                await asyncio.wrap_future(stopping)
+            except asyncio.CancelledError:
+                # Over there, serve() returning ends its asyncio.run, which cancels
+                # this stop still winding up: the worker is stopped all the same.
+                current = asyncio.current_task()
+                if not main.done() or (current is not None and current.cancelling()):
+                    raise
             return
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
-        gave_up = False
+        # Waited for, never awaited: cancelling this stop() (a wait_for around it) must
+        # not cancel the worker.
         if timeout is not None:
             done, _ = await asyncio.wait({main}, timeout=timeout)
             if not done:
-                self._giving_up = True
-                if self._wake is not None:
-                    self._wake.set()
-                # One allowance for both steps: hand back, then the last settle.
-                give_up_at = time.monotonic() + STOP_STORAGE_SECONDS
-                try:
-                    await asyncio.wait_for(self._hand_back_running(), STOP_STORAGE_SECONDS)
-                except TimeoutError:
-                    logger.error(
-                        "could not hand back the running tasks in time: they run again "
-                        "when their leases run out"
-                    )
-                left = max(0.0, give_up_at - time.monotonic())
-                done, _ = await asyncio.wait({main}, timeout=left)
-                if not done:
-                    logger.error(
-                        "could not record the last outcomes in time: their tasks run "
-                        "again when their leases run out"
-                    )
-                    main.cancel()
-                    gave_up = True
+                await self._give_up(main)
+        await asyncio.wait({main})
+
+    async def _give_up(self, main: asyncio.Task[int]) -> None:
+        """Past stop()'s timeout: hand back what still runs, and give the last outcomes
+        STOP_STORAGE_SECONDS (both steps together) before ending the worker's task."""
+        self._giving_up = True
+        if self._wake is not None:
+            self._wake.set()
+        give_up_at = time.monotonic() + STOP_STORAGE_SECONDS
         try:
-            await main
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not gave_up or (current is not None and current.cancelling()):
-                raise
-        finally:
-            self._main = None
+            await asyncio.wait_for(self._hand_back_running(), STOP_STORAGE_SECONDS)
+        except TimeoutError:
+            logger.error(
+                "could not hand back the running tasks in time: they run again "
+                "when their leases run out"
+            )
+        left = max(0.0, give_up_at - time.monotonic())
+        done, _ = await asyncio.wait({main}, timeout=left)
+        if not done:
+            logger.error(
+                "could not record the last outcomes in time: their tasks run "
+                "again when their leases run out"
+            )
+            main.cancel()
 
     async def serve(self, burst: bool = False) -> int:
-        """Work in the current task until :meth:`stop` (or, with ``burst``, until no
-        due task is left). Returns how many tasks this call processed."""
-        if self._main is not None and not self._main.done():
-            raise WorkerError("worker is already running")
-        # Register this task so stop() (called from another task) can wait for it.
-        self._main = asyncio.current_task()
-        # Reset before opening, not after: a stop (a signal to run()) while the backend
-        # connects, which may take a while, must not be forgotten.
-        self._stopping = self._giving_up = False
+        """Work until :meth:`stop` (or, with ``burst``, until no due task is left).
+        Returns how many tasks this call processed. Cancelling the task that awaits
+        it stops the worker at once: running async tasks are cancelled, and what was
+        running keeps its lease until it runs out, then runs again elsewhere."""
+        processed_before = self.processed
+        main = self._begin(burst)
         try:
-            await self.backend.open()
-            await self._prepare()
-            return await self._serve(burst)
-        finally:
-            self._main = None
+            # Shielded: stop() waits for (and at worst cancels) the worker's own task,
+            # never the caller's, which may go on to other work.
+            return await asyncio.shield(main)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or not current.cancelling():
+                # Not the caller: stop(timeout) gave up on the worker's task.
+                return self.processed - processed_before
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+            raise
 
     def run(self, burst: bool = False) -> int:
         """Block, working until SIGINT or SIGTERM (or, with ``burst``, until no due task
@@ -250,7 +301,11 @@ class Worker:
         second stops at once, raising ``KeyboardInterrupt`` (SIGINT) or
         ``SystemExit(143)`` (SIGTERM): what was running keeps its lease until it runs
         out, then runs again elsewhere."""
-        return asyncio.run(self._run_with_signals(burst))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._run_with_signals(burst))
+        raise WorkerError("run() blocks; inside a running event loop, await serve() instead")
 
     async def _run_with_signals(self, burst: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -353,6 +408,17 @@ class Worker:
                 wake.clear()
                 await wake.wait()
         finally:
+            if self._running:
+                # Cancelled with tasks running (serve()'s caller cancelled, a second
+                # signal, stop() giving up, the loop's end): nothing may run on
+                # unwatched, its lease unrenewed, to run again elsewhere meanwhile.
+                # Async tasks are cancelled; no outcome is recorded, and the leases
+                # run out.
+                running_now, self._running = list(self._running.values()), {}
+                for running in running_now:
+                    running.handed_back = True
+                    if running.future is not None:
+                        running.future.cancel()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -360,13 +426,16 @@ class Worker:
             if self._threads is not None:
                 self._threads.shutdown()
                 self._threads = None
-            # Matches the open() of start() or serve(): a client sharing the backend
-            # keeps it open for itself, and the last to close it closes it.
-            try:
-                await self.backend.close()
-            except Exception:
-                logger.exception("could not close the backend")
+            await self._close_backend()
         return self.processed - processed_before
+
+    async def _close_backend(self) -> None:
+        # Matches the open() of start() or serve(): a client sharing the backend
+        # keeps it open for itself, and the last to close it closes it.
+        try:
+            await self.backend.close()
+        except Exception:
+            logger.exception("could not close the backend")
 
     async def _settle(self, claim: ClaimRequest | None) -> list[ReservedTask] | None:
         """Record finished tasks' outcomes and claim more, in one backend round trip."""
