@@ -412,6 +412,46 @@ def test_schema_name_is_validated() -> None:
     assert PostgresBackend(POSTGRES_DSN, schema="a" * 63).schema == "a" * 63
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        # Once accepted: infinity failed every LISTEN connection for ever (workers were
+        # never woken by NOTIFY), NaN failed Worker.start, 0 and -1 failed open() as
+        # "cannot connect"; the others failed open() with a TypeError or BackendError,
+        # or (max_size=2.5) not at all.
+        ({"connect_timeout": float("inf")}, "connect_timeout"),
+        ({"connect_timeout": float("nan")}, "connect_timeout"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"connect_timeout": -1}, "connect_timeout"),
+        ({"connect_timeout": "5"}, "connect_timeout"),
+        ({"connect_timeout": True}, "connect_timeout"),
+        ({"connect_timeout": timedelta(days=36_526)}, "connect_timeout"),
+        ({"min_size": 0.5}, "min_size"),
+        ({"min_size": "1"}, "min_size"),
+        ({"min_size": -1}, "min_size"),
+        ({"max_size": 2.5}, "max_size"),
+        ({"max_size": 0}, "max_size"),
+        ({"max_size": True}, "max_size"),
+        ({"min_size": 3, "max_size": 2}, "pool size"),
+        ({"dsn": None}, "dsn"),
+        ({"dsn": b"postgresql://postgres@127.0.0.1/test"}, "dsn"),
+    ],
+)
+def test_pool_and_connection_arguments_are_validated_in_the_constructor(
+    arguments: dict[str, Any], named: str
+) -> None:
+    arguments = {"dsn": POSTGRES_DSN, **arguments}
+    with pytest.raises(ValidationError, match=named):
+        PostgresBackend(**arguments)
+
+
+def test_connect_timeout_may_be_a_timedelta() -> None:
+    backend = PostgresBackend(POSTGRES_DSN, connect_timeout=timedelta(milliseconds=2500))
+    assert backend.connect_timeout == 2.5
+    backend = PostgresBackend(POSTGRES_DSN, min_size=0, max_size=1, connect_timeout=3)
+    assert (backend.min_size, backend.max_size, backend.connect_timeout) == (0, 1, 3)
+
+
 def test_url_may_name_the_schema() -> None:
     backend = backend_from_url("postgresql://postgres@127.0.0.1:5432/test?schema=jobs_a")
     assert isinstance(backend, PostgresBackend)

@@ -79,6 +79,8 @@ from sitq.backends.postgres_sql import (
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, StorageUnavailableError, ValidationError
+from sitq.scheduling import seconds_from
+from sitq.validation import INT32_MAX, int_in_range
 from sitq.wakeup import Wakeup
 
 __all__ = ["PostgresBackend"]
@@ -177,8 +179,10 @@ class PostgresBackend(Backend):
             carry ``?schema=name``.
         schema: the schema holding sitq's tables (created if missing). Different
             schemas are independent queue systems in one database.
-        min_size, max_size: bounds of the connection pool.
-        connect_timeout: seconds to wait for the first connection in :meth:`open`.
+        min_size, max_size: bounds of the connection pool (ints, ``0 <= min_size <=
+            max_size``, ``max_size >= 1``).
+        connect_timeout: seconds (or a ``timedelta``, positive) to wait for the first
+            connection in :meth:`open`.
     """
 
     pushes_wakeups = True
@@ -191,9 +195,11 @@ class PostgresBackend(Backend):
         *,
         min_size: int = 1,
         max_size: int = 10,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | timedelta = 10.0,
     ) -> None:
         super().__init__()
+        if not isinstance(dsn, str):
+            raise ValidationError(f"dsn must be a str, got {type(dsn).__name__}")
         dsn, url_schema = _split_schema(dsn)
         if schema is not None and url_schema is not None and schema != url_schema:
             raise ValidationError(
@@ -204,8 +210,16 @@ class PostgresBackend(Backend):
             raise ValidationError(
                 f"schema must be a plain identifier (letters, digits, _), got {name!r}"
             )
-        if min_size < 0 or max_size < max(1, min_size):
+        int_in_range(min_size, "min_size", 0, INT32_MAX)
+        int_in_range(max_size, "max_size", 1, INT32_MAX)
+        if max_size < min_size:
             raise ValidationError(f"bad pool size: min_size={min_size}, max_size={max_size}")
+        # Checked here: NaN and infinity once passed open() and then failed every LISTEN
+        # connection for ever (libpq takes whole seconds), and zero or less made open()
+        # give up at once, reported as "cannot connect".
+        timeout = seconds_from(connect_timeout, "connect_timeout")
+        if timeout <= timedelta(0):
+            raise ValidationError(f"connect_timeout must be positive, got {connect_timeout!r}")
         self.dsn = dsn
         self.schema = name
         # Two NOTIFY channels: one says "there is work" (new, retried, requeued jobs)
@@ -217,7 +231,7 @@ class PostgresBackend(Backend):
         self._finished = Wakeup()
         self.min_size = min_size
         self.max_size = max_size
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = timeout.total_seconds()
         self._sql = Statements.for_schema(name)
         self._opened = False
         self._migrated = False
