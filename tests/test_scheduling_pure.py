@@ -90,6 +90,42 @@ def test_require_aware_utc_rejects_a_tzinfo_without_offset() -> None:
         require_aware_utc(datetime(2030, 1, 1, tzinfo=NoOffset()), "when")
 
 
+class _BrokenZone(tzinfo):
+    """A tzinfo whose ``utcoffset`` gives ``answers`` in turn, raising an exception given."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("answers", "cause", "words"),
+    [
+        ((RuntimeError("no tz database"),), RuntimeError, "no valid UTC offset"),
+        ((timedelta(hours=30),), ValueError, "no valid UTC offset"),
+        ((3600,), TypeError, "no valid UTC offset"),
+        # Valid once, then not: astimezone asks again.
+        ((timedelta(0), KeyError("gone")), KeyError, "could not be converted"),
+    ],
+)
+def test_an_eta_whose_tzinfo_misbehaves_is_rejected_naming_it(
+    answers: tuple[object, ...], cause: type[Exception], words: str
+) -> None:
+    # tzinfo.utcoffset() was called directly, so the offset was not checked, and what
+    # it or astimezone raised escaped as it was (RuntimeError, ValueError, TypeError).
+    with pytest.raises(ValidationError, match=f"eta .*{words}") as caught:
+        due_time(NOW, eta=datetime(2030, 1, 1, tzinfo=_BrokenZone(*answers)))
+    assert isinstance(caught.value.__cause__, cause)
+
+
 def test_seconds_from_names_the_parameter() -> None:
     assert seconds_from(2, "grace") == timedelta(seconds=2)
     with pytest.raises(ValidationError, match="grace"):

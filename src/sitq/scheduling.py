@@ -21,7 +21,15 @@ def require_aware_utc(value: object, name: str) -> datetime:
     """Return ``value`` converted to UTC; reject anything but an aware datetime."""
     if not isinstance(value, datetime):
         raise ValidationError(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+    try:
+        # value.utcoffset(), not tzinfo.utcoffset(value): it also checks the offset is
+        # a timedelta of less than a day. A custom tzinfo may raise anything here.
+        offset = value.utcoffset()
+    except Exception as exc:
+        raise ValidationError(
+            f"{name} has a tzinfo that gives no valid UTC offset ({type(exc).__name__}: {exc})"
+        ) from exc
+    if offset is None:
         raise ValidationError(
             f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc)); "
             f"got naive datetime {value.isoformat()}"
@@ -31,6 +39,11 @@ def require_aware_utc(value: object, name: str) -> datetime:
     except OverflowError:
         # Near datetime.min or max, the offset can push the UTC time out of range.
         raise ValidationError(f"{name} is out of range in UTC: {value.isoformat()}") from None
+    except Exception as exc:
+        # astimezone asks the tzinfo again, and a custom one need not answer alike.
+        raise ValidationError(
+            f"{name} could not be converted to UTC ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def seconds_from(value: object, name: str) -> timedelta:
