@@ -425,6 +425,47 @@ def test_a_fake_clock_shared_by_two_event_loops_sleeps_on_each() -> None:
     assert asyncio.run(sleep_until_woken()) == 1
 
 
+def test_a_fake_clock_starts_at_an_aware_time_in_utc() -> None:
+    # A naive start was accepted: the memory backend then failed every later call,
+    # SQLite raised TypeError and PostgreSQL read the times in the server's zone.
+    for start, words in ((datetime(2030, 1, 1), "timezone-aware"), ("2030-01-01", "datetime")):
+        with pytest.raises(ValidationError, match=f"start must be .*{words}"):
+            FakeClock(start)  # type: ignore[arg-type]
+    east = FakeClock(datetime(2030, 1, 1, 2, 0, tzinfo=timezone(timedelta(hours=2))))
+    assert east.now() == datetime(2030, 1, 1, tzinfo=UTC)
+    assert east.now().tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        # Once: -5 moved the time back, True moved it 1 s, and the others raised
+        # TypeError, ValueError or OverflowError.
+        (-5, "must not be negative"),
+        (timedelta(seconds=-1), "must not be negative"),
+        (True, "must be seconds"),
+        ("5", "must be seconds"),
+        (float("nan"), "must be a finite number"),
+        (float("inf"), "must be a finite number"),
+        (MAX_DURATION.total_seconds() + 1, "must be at most"),
+    ],
+)
+def test_a_fake_clock_refuses_a_bad_advance_naming_it(seconds: object, words: str) -> None:
+    clock = FakeClock(NOW)
+    with pytest.raises(ValidationError, match=f"seconds {words}"):
+        clock.advance(seconds)  # type: ignore[arg-type]
+    assert clock.now() == NOW
+
+
+def test_a_fake_clock_refuses_to_pass_datetime_max() -> None:
+    latest = datetime.max.replace(tzinfo=UTC)
+    clock = FakeClock(latest - timedelta(seconds=1))
+    with pytest.raises(ValidationError, match=r"seconds=2 .* past datetime\.max"):
+        clock.advance(2)
+    clock.advance(1)
+    assert clock.now() == latest
+
+
 @pytest.mark.parametrize(
     ("seconds", "shown"),
     [(0.2, "0.2"), (5, "5"), (1234567, "1234567"), (100000.5, "100000.5"), (1e-07, "1e-07")],

@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from sitq.errors import ValidationError
+from sitq.scheduling import require_aware_utc, seconds_from
 from sitq.validation import implementation
 
 
@@ -44,7 +46,11 @@ class FakeClock:
     """
 
     def __init__(self, start: datetime | None = None) -> None:
-        self._now = start or datetime(2030, 1, 1, tzinfo=UTC)
+        if start is None:
+            start = datetime(2030, 1, 1, tzinfo=UTC)
+        # Aware and in UTC, like SystemClock's: a naive start was once stored as given,
+        # and each backend then read those times its own way (or failed).
+        self._now = require_aware_utc(start, "start")
         # One event per loop: an asyncio.Event belongs to the loop that first waits on
         # it, and waiting on it from another fails at once (a sleeper would spin).
         self._moved: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
@@ -53,8 +59,18 @@ class FakeClock:
         return self._now
 
     def advance(self, seconds: float | timedelta) -> None:
-        step = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
-        self._now += step
+        """Move the time forward by ``seconds`` (an int, a float or a ``timedelta``).
+
+        Not back: a negative step, taken silently once, made due work not due again,
+        more likely a slip than an intent.
+        """
+        step = seconds_from(seconds, "seconds")
+        try:
+            self._now += step
+        except OverflowError:
+            raise ValidationError(
+                f"seconds={seconds!r} would move the clock past datetime.max"
+            ) from None
         moved, self._moved = self._moved, {}
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
