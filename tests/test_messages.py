@@ -822,9 +822,11 @@ async def test_iterating_rides_out_storage_errors(
         await producer.enqueue_delayed({"n": 1}, 0.05)  # found through next_due
     async with contextlib.aclosing(consumer.messages()) as stream:
         message = await asyncio.wait_for(anext(stream), 10)
-    assert message.payload == {"n": 1} and failures == []
+    # At least the first look failed (all three, unless a slow machine let the
+    # message come due first): the stream rode it out.
+    assert message.payload == {"n": 1} and len(failures) < 3
     await producer.enqueue_delayed({"n": 2}, 0.05)
-    failures.extend([BackendError("database is restarting")] * 3)
+    failures[:] = [BackendError("database is restarting")] * 3
     seen: list[Any] = []
 
     async def handle(message: Message) -> None:
@@ -832,7 +834,7 @@ async def test_iterating_rides_out_storage_errors(
         consumer.stop()
 
     assert await asyncio.wait_for(consumer.process(handle), 10) == 1
-    assert seen == [{"n": 2}]
+    assert seen == [{"n": 2}] and len(failures) < 3
 
 
 async def test_a_dequeue_cancelled_in_flight_gives_back_what_it_took(
