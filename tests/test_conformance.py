@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -839,3 +840,63 @@ async def test_an_sqlite_file_newer_than_this_sitq_opens_with_a_warning(
     with caplog.at_level("WARNING", logger="sitq.sqlite"):
         await SQLiteBackend(path).open()
     assert f"schema version {newer}, newer than this sitq knows" in caplog.text
+
+
+async def test_an_sqlite_write_that_fails_says_why_not_that_it_could_not_roll_back(
+    tmp_path: Path,
+) -> None:
+    # SQLite rolls back by itself when the disk is full; the ROLLBACK after it failed
+    # "no transaction is active", and that was the error reported.
+    backend = SQLiteBackend(tmp_path / "full.db")
+    await backend.open()
+    try:
+        conn = backend._connection()
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as a full disk
+        big = [replace(job(), payload=b"x" * 100_000) for _ in range(2)]
+        with pytest.raises(BackendError, match="database or disk is full"):
+            await backend.enqueue(big)
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        await backend.enqueue(big)
+        assert len(await backend.list_jobs(TaskQuery())) == 2
+    finally:
+        await backend.close()
+
+
+class _RollbackFails(sqlite3.Connection):
+    """A connection whose ROLLBACK fails, once the test says so."""
+
+    fail = False
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        if self.fail and sql == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().execute(sql, parameters)
+
+
+async def test_an_sqlite_rollback_that_fails_hides_nothing_and_leaves_no_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *args, **kwargs: connect(*args, **kwargs, factory=_RollbackFails)
+    )
+    backend = SQLiteBackend(tmp_path / "sitq.db")
+    await backend.open()
+    try:
+        await backend.enqueue([job("taken")])
+        _RollbackFails.fail = True
+        with pytest.raises(BackendError, match="UNIQUE constraint failed"):
+            await backend.enqueue([job("new"), job("taken")])
+        _RollbackFails.fail = False
+        # The connection left in its transaction made every later write fail "cannot
+        # start a transaction within a transaction".
+        await backend.enqueue([job("next"), job("after")])
+        assert {task.id for task in await backend.list_jobs(TaskQuery())} == {
+            "taken",
+            "next",
+            "after",
+        }
+    finally:
+        _RollbackFails.fail = False
+        await backend.close()

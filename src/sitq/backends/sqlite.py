@@ -275,9 +275,27 @@ class SQLiteBackend(Backend):
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._roll_back(conn)
             raise
         self._schema_ready = True
+
+    def _roll_back(self, conn: sqlite3.Connection) -> None:
+        """End a transaction that failed, keeping its error the one reported.
+
+        SQLite has already rolled back after some errors (a full disk, an I/O error),
+        and a ROLLBACK then fails "no transaction is active", which hid the reason.
+        """
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # Closing rolls back too; the next call opens a fresh connection instead
+            # of finding this one still in a transaction ("cannot start a transaction
+            # within a transaction", for ever).
+            logger.warning("could not roll back on %s; reopening it", self.path, exc_info=True)
+            self._local.conn = None
+            conn.close()
 
     async def _retrying(self, attempt: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``attempt``; while another process holds the lock (or is opening the
@@ -309,7 +327,7 @@ class SQLiteBackend(Backend):
                 result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._roll_back(conn)
                 raise
             return result
 
