@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from sitq import BackendError, SQLiteBackend, TaskStatus, ValidationError
+from sitq import (
+    BackendError,
+    SQLiteBackend,
+    StorageUnavailableError,
+    TaskStatus,
+    ValidationError,
+)
 from sitq.backends.base import (
     Backend,
     ClaimRequest,
@@ -846,7 +852,9 @@ async def test_an_sqlite_write_that_fails_says_why_not_that_it_could_not_roll_ba
     tmp_path: Path,
 ) -> None:
     # SQLite rolls back by itself when the disk is full; the ROLLBACK after it failed
-    # "no transaction is active", and that was the error reported.
+    # "no transaction is active", and that was the error reported. A full disk is
+    # the storage's state, not the call's fault: the same call succeeds once there is
+    # room, so the error says the storage is unavailable.
     backend = SQLiteBackend(tmp_path / "full.db")
     await backend.open()
     try:
@@ -854,7 +862,7 @@ async def test_an_sqlite_write_that_fails_says_why_not_that_it_could_not_roll_ba
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as a full disk
         big = [replace(job(), payload=b"x" * 100_000) for _ in range(2)]
-        with pytest.raises(BackendError, match="database or disk is full"):
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
             await backend.enqueue(big)
         conn.execute("PRAGMA max_page_count = 1073741823")
         await backend.enqueue(big)

@@ -1080,6 +1080,32 @@ async def test_an_outcome_the_storage_refuses_fails_alone_and_the_others_are_rec
             assert result is not None and queue.deserialize_result(result) == number + 1
 
 
+async def test_an_outcome_the_disk_has_no_room_for_waits_for_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The full disk's error was taken for this outcome's refusal: the task that
+    # succeeded was recorded failed (its short failure fitted), for good.
+    backend = SQLiteBackend(tmp_path / "full.db")
+    async with TaskQueue(backend) as queue:
+        task_id = await queue.enqueue(text_of, 200_000)
+        conn = backend._connection()
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        # SQLITE_FULL, as from a full disk: room to claim the task, not for its result.
+        conn.execute(f"PRAGMA max_page_count = {pages + 5}")
+        worker = Worker(backend, poll_interval=0.05)
+        await worker.start()
+        try:
+            await wait_until(lambda: "database or disk is full" in caplog.text)
+            task = await queue.get_task(task_id)
+            assert task is not None and task.status == "running"
+            conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+            result = await queue.get_result(task_id, timeout=10)
+            assert result is not None and result.status == "success"
+            assert queue.deserialize_result(result) == "x" * 200_000
+        finally:
+            await worker.stop()
+
+
 class _SlowToOpen(MemoryBackend):
     """Opens only when the test lets it: a PostgreSQL server slow to accept."""
 

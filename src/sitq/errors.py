@@ -25,8 +25,9 @@ class BackendError(SitqError):
 
 class StorageUnavailableError(BackendError):
     """The storage could not be reached in time (PostgreSQL down or out of
-    connections, an SQLite file locked past the wait): the same call may succeed
-    later. Other ``BackendError`` are the storage refusing the call itself."""
+    connections, an SQLite file locked past the wait, its disk full or failing): the
+    same call may succeed later. Other ``BackendError`` are the storage refusing the
+    call itself."""
 
 
 class TaskNotFoundError(SitqError, LookupError):

@@ -195,6 +195,27 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _clears_up(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is about the file or the disk under it, not the call, and may
+    clear up (on its own or when an operator steps in): the same call may then succeed.
+
+    A worker keeps such an outcome to record later; recording it as refused made a
+    task that succeeded "failed" for good when the disk was full. Left out, as the
+    call's own fault or lasting: SQLITE_TOOBIG (a value past SQLite's limit, refused
+    every time), constraint and SQL errors, SQLITE_CORRUPT and SQLITE_NOTADB, and
+    SQLITE_READONLY* (the connection was opened read-only, and stays so).
+    """
+    name: str = getattr(exc, "sqlite_errorname", "")
+    return (
+        name == "SQLITE_FULL"  # the disk is full (sitq sets no max_page_count)
+        or name == "SQLITE_PROTOCOL"  # a race for the WAL index that SQLite gave up on
+        # Every SQLITE_IOERR_*: a read, write, fsync or lock the filesystem failed.
+        or name.startswith("SQLITE_IOERR")
+        # The -wal or -shm file cannot be opened now (out of file descriptors, say).
+        or name.startswith("SQLITE_CANTOPEN")
+    )
+
+
 class SQLiteBackend(Backend):
     """Jobs in one SQLite file shared by every process on the machine."""
 
@@ -312,13 +333,17 @@ class SQLiteBackend(Backend):
                     ) from exc
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
-                    raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
+                    raise self._translated(exc) from exc
                 if time.monotonic() > deadline:
                     raise StorageUnavailableError(f"SQLite error on {self.path}: {exc}") from exc
             except sqlite3.Error as exc:
-                raise BackendError(f"SQLite error on {self.path}: {exc}") from exc
+                raise self._translated(exc) from exc
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 2, 0.02)
+
+    def _translated(self, exc: sqlite3.Error) -> BackendError:
+        kind = StorageUnavailableError if _clears_up(exc) else BackendError
+        return kind(f"SQLite error on {self.path}: {exc}")
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def attempt(conn: sqlite3.Connection) -> T:
