@@ -1713,3 +1713,34 @@ def test_sqlite_threads_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+async def test_sqlite_opens_and_waits_for_another_process_s_write_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening took the write lock to look at the schema, with a 10 s busy timeout that
+    # blocked the event loop, and a reader never got past opening while any other
+    # process wrote. (Patience cut so the old behaviour fails in 10 s, not 40.)
+    import sitq.backends.sqlite
+
+    monkeypatch.setattr(sitq.backends.sqlite, "LOCK_PATIENCE_SECONDS", 2.0)
+    path = tmp_path / "sitq.db"
+    async with TaskQueue(SQLiteBackend(path)) as setup:
+        task_id = await setup.enqueue(add, 1, 2)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other_process:
+        other_process.execute("BEGIN IMMEDIATE")
+        # A new backend object: another process's first calls.
+        async with TaskQueue(SQLiteBackend(path)) as queue:
+            task = await queue.get_task(task_id)  # readers do not wait for the writer
+            assert task is not None and task.status == "pending"
+            enqueuing = asyncio.create_task(queue.enqueue(add, 2, 2))
+            longest = 0.0
+            for _ in range(20):
+                before = time.monotonic()
+                await asyncio.sleep(0.005)
+                longest = max(longest, time.monotonic() - before)
+            assert not enqueuing.done()
+            assert longest < 1.0, f"the event loop stood still for {longest:.1f} s"
+            other_process.execute("COMMIT")
+            new_id = await asyncio.wait_for(enqueuing, 10)
+            assert await queue.get_task(new_id) is not None

@@ -4,8 +4,8 @@ one machine.
 How it works: the file is in WAL mode, so readers never wait for the writer. Every
 write is a short ``BEGIN IMMEDIATE`` transaction run directly on the calling event
 loop (statements take microseconds; a thread hop would cost more than the work).
-When another process holds the write lock the call does not block the loop: it
-awaits a short, growing, jittered pause and tries again.
+When another process holds the write lock the call (opening the file included) does
+not block the loop: it awaits a short, growing, jittered pause and tries again.
 
 Wake-ups: writers in the same process wake waiters at once; writes by other processes
 are noticed within about 5 ms through ``PRAGMA data_version``, polled on each event
@@ -180,10 +180,11 @@ def _row(job: NewJob) -> tuple[Any, ...]:
 
 
 class _OpenRaceError(Exception):
-    """Opening met another connection opening the same file: switching a new file to
-    WAL and creating the schema take locks that SQLite reports as busy at once (its
-    busy timeout does not cover the journal-mode switch), and a connection that looks
-    at the WAL index while another creates it can report an I/O error. Both pass."""
+    """Opening needed a lock another connection holds: switching a new file to WAL
+    and creating or upgrading the schema take locks, which SQLite reports as busy at
+    once (the busy timeout is 0: waiting in SQLite would block the event loop). Or it
+    looked at the WAL index while another connection created it, which can report an
+    I/O error. Both pass."""
 
 
 def _is_open_race(exc: sqlite3.OperationalError) -> bool:
@@ -245,8 +246,8 @@ class SQLiteBackend(Backend):
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened (WAL mode, schema migrated) on first use.
 
-        Raises ``_OpenRaceError`` when opening met another connection opening the same new
-        file (see ``_OpenRaceError``); the caller tries again.
+        Raises ``_OpenRaceError`` when opening needed a lock held elsewhere (see
+        ``_OpenRaceError``); the caller tries again.
         """
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
@@ -254,18 +255,19 @@ class SQLiteBackend(Backend):
         if not self.path.parent.is_dir():
             raise BackendError(f"cannot open SQLite database {self.path}: no such directory")
         try:
+            # No busy timeout: SQLite would wait for a lock by blocking this thread, and
+            # so the event loop; _retrying waits for it asynchronously instead.
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
             )
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
         try:
-            conn.execute("PRAGMA busy_timeout = 10000")
+            # No lock once the file is in WAL mode: only a new file's switch takes one.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             if not self._schema_ready:
                 self._migrate(conn)
-            conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.OperationalError as exc:
             conn.close()
             if _is_open_race(exc):
@@ -279,25 +281,31 @@ class SQLiteBackend(Backend):
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version > len(MIGRATIONS):
-                logger.warning(
-                    "%s has schema version %d, newer than this sitq knows (%d): upgrade sitq here",
-                    self.path,
-                    version,
-                    len(MIGRATIONS),
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            self._roll_back(conn)
-            raise
+        # Read without the write lock: a file already up to date (nearly always) opens
+        # while another process writes. Taking the lock to look held every new client,
+        # and its event loop, behind the longest write under way.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            logger.warning(
+                "%s has schema version %d, newer than this sitq knows (%d): upgrade sitq here",
+                self.path,
+                version,
+                len(MIGRATIONS),
+            )
+        elif version < len(MIGRATIONS):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Again under the lock: another process may have migrated meanwhile.
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                self._roll_back(conn)
+                raise
         self._schema_ready = True
 
     def _roll_back(self, conn: sqlite3.Connection) -> None:
