@@ -1744,3 +1744,78 @@ async def test_sqlite_opens_and_waits_for_another_process_s_write_without_blocki
             other_process.execute("COMMIT")
             new_id = await asyncio.wait_for(enqueuing, 10)
             assert await queue.get_task(new_id) is not None
+
+
+async def _enqueue_in_another_process(path: Path) -> str:
+    """Enqueue ``operator.add(1, 2)`` from a new process: its commit reaches this
+    process's workers only through the file (no in-process wake-up)."""
+    code = (
+        "import asyncio, operator, sys\n"
+        "from sitq import SQLiteBackend, TaskQueue\n"
+        "async def main():\n"
+        "    async with TaskQueue(SQLiteBackend(sys.argv[1])) as queue:\n"
+        "        print(await queue.enqueue(operator.add, 1, 2))\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, str(path), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    return out.decode().strip()
+
+
+async def _finished_by_the_worker(queue: TaskQueue, task_id: str) -> Task:
+    """Wait for ``task_id`` to finish without ``get_result``, whose wait would watch
+    the file for the worker."""
+
+    async def finished() -> bool:
+        task = await queue.get_task(task_id)
+        return task is not None and task.status == "success"
+
+    await wait_until(finished)
+    task = await queue.get_task(task_id)
+    assert task is not None
+    return task
+
+
+async def test_a_client_closing_a_shared_sqlite_backend_leaves_the_worker_watching(
+    tmp_path: Path,
+) -> None:
+    # The client's close() on the worker's loop stopped the loop's watcher of other
+    # processes' commits (and closed the connection): their work then waited for the
+    # worker's poll interval.
+    path = tmp_path / "sitq.db"
+    backend = SQLiteBackend(path)
+    clock = WatchedClock()
+    worker = Worker(backend, poll_interval=3600, clock=clock)
+    await worker.start()
+    try:
+        await wait_until(lambda: clock.sleeps)  # watching, asleep
+        async with TaskQueue(backend) as client:
+            assert sum((await client.counts()).values()) == 0
+        task_id = await _enqueue_in_another_process(path)
+        await _finished_by_the_worker(TaskQueue(backend), task_id)
+    finally:
+        await worker.stop()
+
+
+async def test_a_worker_watches_again_after_its_sqlite_backend_was_closed_under_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sitq.db"
+    backend = SQLiteBackend(path)
+    clock = WatchedClock()
+    worker = Worker(backend, poll_interval=3600, clock=clock)
+    await backend.open()
+    await worker.start()
+    try:
+        await wait_until(lambda: clock.sleeps)
+        await backend.close()
+        await backend.close()  # one more than it opened: the watcher goes under the worker
+        for _ in range(2):
+            task_id = await _enqueue_in_another_process(path)
+            await _finished_by_the_worker(TaskQueue(backend), task_id)
+    finally:
+        await worker.stop()

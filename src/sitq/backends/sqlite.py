@@ -370,6 +370,14 @@ class SQLiteBackend(Backend):
         return await self._retrying(work)
 
     async def open(self) -> None:
+        """Open this thread's connection (and migrate the file) if need be, and take a
+        share of it: each open() is matched by a close(), and the last closes it."""
+        await self.ensure_open()
+        self._local.users = getattr(self._local, "users", 0) + 1
+
+    async def ensure_open(self) -> None:
+        # Without a share: a client that opens on first use (a Producer, a Consumer)
+        # leaves the closing to its caller's one close(), as any first use does.
         await self._retrying(lambda conn: None)
 
     async def watch_work(self) -> None:
@@ -412,16 +420,28 @@ class SQLiteBackend(Backend):
             await asyncio.sleep(WATCH_EVERY_SECONDS)
 
     async def close(self) -> None:
-        """Close this thread's connection. Each thread (a worker's loop, a
-        ``SyncTaskQueue``'s private loop) owns its own, so one client closing never
-        pulls the file out from under another that shares this backend object."""
+        """Match an open() in this thread; the last (or a close() with none to match)
+        stops the thread's watcher and closes its connection. Each thread (a worker's
+        loop, a ``SyncTaskQueue``'s private loop) has its own, and a client sharing
+        this backend object with a worker on one loop leaves the worker both."""
+        users: int = getattr(self._local, "users", 0)
+        if users > 1:
+            self._local.users = users - 1
+            return
+        self._local.users = 0
         watcher: asyncio.Task[None] | None = getattr(self._local, "watcher", None)
         if watcher is not None:
             self._local.watcher = None
+            watched = not watcher.done()
             watcher.cancel()
             if watcher.get_loop() is asyncio.get_running_loop():
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            if watched:
+                # Anyone still waiting (a worker whose backend was closed under it)
+                # no longer hears other processes: wake them to look and watch again
+                # (workers and consumers ask for watching before each wait).
+                self.wakeup.notify()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             return
