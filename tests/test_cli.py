@@ -223,6 +223,18 @@ def test_backend_urls_name_a_sqlite_file_or_are_refused(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValidationError, match="sqlite URL"):
             backend_from_url(url)
+    # " sqlite:///tasks.db" (an env file's stray space) named /tasks.db, at the root.
+    for url in (
+        " sqlite:///tasks.db",
+        "\tsqlite:///tasks.db",
+        "sqlite:///tasks.db\r",
+        " postgresql://localhost/db",
+        "memory:// ",
+    ):
+        with pytest.raises(ValidationError, match="must not start or end with whitespace"):
+            backend_from_url(url)
+    with pytest.raises(ValidationError, match=r"unknown backend scheme '\\x01sqlite'"):
+        backend_from_url("\x01sqlite:///tasks.db")
 
 
 def test_worker_runs_tasks_and_sigterm_lets_the_running_task_finish(

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from sitq.backends.base import Backend
 from sitq.errors import ValidationError
 
@@ -15,9 +13,16 @@ def backend_from_url(url: str) -> Backend:
         raise ValidationError(
             f"backend URL must look like sqlite:///path.db or postgresql://host/db, got {url!r}"
         )
-    scheme = urlsplit(url).scheme.lower()
+    if url != url.strip():
+        # Refused, not stripped: it is a slip (an env file's stray space or CR), and
+        # stripping would guess, as a space may end a file or database name.
+        raise ValidationError(f"backend URL must not start or end with whitespace, got {url!r}")
+    # The scheme is what the URL starts with: urlsplit() skips leading whitespace and
+    # control characters, so its scheme's length does not say where the rest begins.
+    scheme, _, rest = url.partition("://")
     # Schemes are case-insensitive (RFC 3986); libpq takes only lower case.
-    url = scheme + url[len(scheme) :]
+    scheme = scheme.lower()
+    url = f"{scheme}://{rest}"
     if scheme == "sqlite":
         from sitq.backends.sqlite import SQLiteBackend
 
