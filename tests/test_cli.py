@@ -554,6 +554,29 @@ def test_errors(args: list[str], code: int, message: str, tmp_path: Path) -> Non
         assert result.stderr.count("\n") == 1, result.stderr
 
 
+def test_a_relative_sqlite_url_in_a_deleted_directory_is_not_found(tmp_path: Path) -> None:
+    # The current directory's deletion surfaced as "unexpected FileNotFoundError" (exit 3).
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    enter_then_delete = 'cd "$0" && rmdir "$0" && exec "$@"'
+    for url, code in (("sqlite:///tasks.db", 1), (f"sqlite:///{tmp_path}/tasks.db", 0)):
+        gone.mkdir(exist_ok=True)
+        result = subprocess.run(
+            ["sh", "-c", enter_then_delete, str(gone), *SITQ, "migrate", "-b", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_env(),
+        )
+        assert result.returncode == code, result.stderr
+        if code:
+            assert result.stderr == (
+                "Error: cannot open SQLite database 'tasks.db':"
+                " the current directory no longer exists\n"
+            )
+    assert (tmp_path / "tasks.db").exists()  # an absolute URL works from there
+
+
 def test_inspecting_a_missing_postgres_schema_is_not_found_and_creates_nothing(
     pg_schema: str,
 ) -> None:

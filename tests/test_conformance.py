@@ -833,6 +833,25 @@ def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:
     assert SQLiteBackend(tmp_path / "a.db").path == SQLiteBackend(str(tmp_path / "a.db")).path
 
 
+def test_an_sqlite_path_that_cannot_be_resolved_is_a_backend_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative path once the current directory was deleted raised a bare
+    # FileNotFoundError; a symlink loop or an unknown ~user, a bare RuntimeError.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(BackendError, match=r"'tasks\.db': the current directory no longer exists"):
+        SQLiteBackend("tasks.db")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(BackendError, match=r"cannot open SQLite database '.*/a/tasks\.db'"):
+        SQLiteBackend(tmp_path / "a" / "tasks.db")
+    with pytest.raises(BackendError, match=r"'~no-such-user-here/tasks\.db'"):
+        SQLiteBackend("~no-such-user-here/tasks.db")
+
+
 async def test_an_sqlite_file_newer_than_this_sitq_opens_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

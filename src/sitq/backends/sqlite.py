@@ -235,7 +235,16 @@ class SQLiteBackend(Backend):
                 "SQLiteBackend needs a file so workers can share it; "
                 "use MemoryBackend for jobs that live in this process only"
             )
-        self.path = Path(text).expanduser().resolve()
+        try:
+            self.path = Path(text).expanduser().resolve()
+        except FileNotFoundError as exc:
+            # Only os.getcwd() raises it here (resolve() is not strict).
+            raise BackendError(
+                f"cannot open SQLite database {text!r}: the current directory no longer exists"
+            ) from exc
+        except (OSError, RuntimeError) as exc:
+            # A symlink loop, or ~user naming no one (RuntimeError before Python 3.13).
+            raise BackendError(f"cannot open SQLite database {text!r}: {exc}") from exc
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()

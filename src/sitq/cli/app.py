@@ -57,7 +57,10 @@ def cli() -> None:
     output.quiet_logging()  # `sitq worker` sets up its own logging
     # Like `python -m sitq.cli`: modules in the current directory import, for a
     # worker's task modules and for results of types defined there (`tasks show`).
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return  # deleted: nothing to import from it, and an absolute URL still works
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
 

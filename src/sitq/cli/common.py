@@ -16,7 +16,7 @@ import click
 from sitq.backends.base import Backend
 from sitq.backends.sqlite import SQLiteBackend
 from sitq.backends.url import backend_from_url
-from sitq.errors import ValidationError
+from sitq.errors import BackendError, ValidationError
 from sitq.queue import TaskQueue, queue_name
 from sitq.validation import INT32_MAX
 
@@ -93,6 +93,10 @@ def open_backend(url: str | None, *, must_exist: bool) -> Backend:
         backend = backend_from_url(url)
     except ValidationError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    except BackendError as exc:
+        # An SQLite path that leads nowhere: the current directory was deleted, a
+        # symlink loop, ~user naming no one.
+        raise CliError(str(exc), EXIT_NOT_FOUND) from None
     # The CLI is the one place that knows a URL names a file on this machine.
     if isinstance(backend, SQLiteBackend):
         if not backend.path.parent.is_dir():
