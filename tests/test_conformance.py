@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -850,6 +851,28 @@ def test_an_sqlite_path_that_cannot_be_resolved_is_a_backend_error(
         SQLiteBackend(tmp_path / "a" / "tasks.db")
     with pytest.raises(BackendError, match=r"'~no-such-user-here/tasks\.db'"):
         SQLiteBackend("~no-such-user-here/tasks.db")
+
+
+async def test_an_sqlite_backend_opened_again_after_its_file_was_deleted_creates_it(
+    tmp_path: Path,
+) -> None:
+    # The schema was checked once per backend object: a file deleted between a close
+    # and the next open (a reset) came back without tables, "no such table" until a
+    # restart.
+    path = tmp_path / "sitq.db"
+    backend = SQLiteBackend(path)
+    await backend.open()
+    await backend.enqueue([job("before")])
+    await backend.close()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{path}{suffix}")
+    await backend.open()
+    try:
+        await backend.enqueue([job("after")])
+        assert [task.id for task in await backend.list_jobs(TaskQuery())] == ["after"]
+    finally:
+        await backend.close()
 
 
 async def test_an_sqlite_file_newer_than_this_sitq_opens_with_a_warning(

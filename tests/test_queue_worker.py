@@ -1819,3 +1819,26 @@ async def test_a_worker_watches_again_after_its_sqlite_backend_was_closed_under_
             await _finished_by_the_worker(TaskQueue(backend), task_id)
     finally:
         await worker.stop()
+
+
+async def test_a_worker_whose_sqlite_file_was_deleted_serves_the_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its connection carried on with the deleted file, silently: work enqueued in the
+    # file created at the path since never ran until the worker restarted.
+    path = tmp_path / "sitq.db"
+    clock = WatchedClock()
+    worker = Worker(SQLiteBackend(path), poll_interval=3600, clock=clock)
+    await worker.start()
+    try:
+        await wait_until(lambda: clock.sleeps)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{path}{suffix}")
+        async with TaskQueue(SQLiteBackend(path)) as queue:  # creates the file again
+            task_id = await queue.enqueue(add, 1, 2)
+            result = await queue.get_result(task_id, timeout=10)
+            assert result is not None and queue.deserialize_result(result) == 3
+    finally:
+        await worker.stop()
+    assert caplog.text.count(f"SQLite database {path} was deleted or replaced") == 1

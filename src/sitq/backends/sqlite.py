@@ -11,6 +11,10 @@ Wake-ups: writers in the same process wake waiters at once; writes by other proc
 are noticed within about 5 ms through ``PRAGMA data_version``, polled on each event
 loop where a worker, a consumer or ``get_result`` has waited.
 
+A file deleted or replaced under open connections is noticed within about a second
+(CHECK_FILE_EVERY_SECONDS): each logs an error and opens the path again, creating the
+file and its tables if need be, rather than serving the old file unseen.
+
 What it cannot do: serve machines that do not share the file (use PostgreSQL). Do not put the
 file on a network filesystem: SQLite's locking is not reliable there.
 """
@@ -58,6 +62,8 @@ LOCK_PATIENCE_SECONDS = 30.0
 FINISH_BATCH = 500
 #: How often an open backend checks whether another process wrote to the file.
 WATCH_EVERY_SECONDS = 0.005
+#: How often a connection in use checks that its path still names the file it opened.
+CHECK_FILE_EVERY_SECONDS = 1.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)  # made once: building it costs more than the division
@@ -187,6 +193,12 @@ class _OpenRaceError(Exception):
     I/O error. Both pass."""
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    """What tells one file from another at ``path``; raises OSError if none is there."""
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
 def _is_open_race(exc: sqlite3.OperationalError) -> bool:
     return _is_busy(exc) or getattr(exc, "sqlite_errorname", "").startswith("SQLITE_IOERR")
 
@@ -248,19 +260,30 @@ class SQLiteBackend(Backend):
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()
-        self._schema_ready = False
 
     # -- connections and transactions ---------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened (WAL mode, schema migrated) on first use.
+        """This thread's connection, opened (WAL mode, schema migrated) on first use,
+        and opened again if the file was deleted or replaced under it.
 
         Raises ``_OpenRaceError`` when opening needed a lock held elsewhere (see
         ``_OpenRaceError``); the caller tries again.
         """
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
-            return conn
+            if time.monotonic() < self._local.check_file_at or self._still_the_file():
+                return conn
+            # An open connection would go on with the deleted file, which no other
+            # process sees: a worker would serve it, and nothing new, until restarted.
+            logger.error(
+                "SQLite database %s was deleted or replaced while open: opening the file"
+                " now at that path (what was written to the old one since is lost)",
+                self.path,
+            )
+            self._local.conn = None
+            conn.close()
+            self.wakeup.notify()  # waiters look at the new file at once
         if not self.path.parent.is_dir():
             raise BackendError(f"cannot open SQLite database {self.path}: no such directory")
         try:
@@ -275,19 +298,37 @@ class SQLiteBackend(Backend):
             # No lock once the file is in WAL mode: only a new file's switch takes one.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            if not self._schema_ready:
-                self._migrate(conn)
+            # Each new connection looks (a read, no lock): the file may have been deleted
+            # and created again since the last, and then has no tables.
+            self._migrate(conn)
+            file = _file_id(self.path)
         except sqlite3.OperationalError as exc:
             conn.close()
             if _is_open_race(exc):
                 raise _OpenRaceError(str(exc)) from exc
+            raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        except OSError as exc:  # from _file_id: the file went as soon as it was opened
+            conn.close()
             raise BackendError(f"cannot open SQLite database {self.path}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
         # Kept only once it is ready: a failed set-up must not leave a half-open one.
         self._local.conn = conn
+        self._local.file = file
+        self._local.check_file_at = time.monotonic() + CHECK_FILE_EVERY_SECONDS
         return conn
+
+    def _still_the_file(self) -> bool:
+        """Whether the path still names this thread's connection's file. Asked at
+        most every CHECK_FILE_EVERY_SECONDS, keeping a stat off each statement's path."""
+        opened: tuple[int, int] = self._local.file
+        try:
+            same = _file_id(self.path) == opened
+        except OSError:
+            same = False  # gone; opening the path again says what is wrong, if anything
+        self._local.check_file_at = time.monotonic() + CHECK_FILE_EVERY_SECONDS
+        return same
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # Read without the write lock: a file already up to date (nearly always) opens
@@ -315,7 +356,6 @@ class SQLiteBackend(Backend):
             except BaseException:
                 self._roll_back(conn)
                 raise
-        self._schema_ready = True
 
     def _roll_back(self, conn: sqlite3.Connection) -> None:
         """End a transaction that failed, keeping its error the one reported.
