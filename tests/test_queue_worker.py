@@ -1446,6 +1446,42 @@ def test_a_sync_task_queue_copied_by_a_fork_refuses_in_the_child(tmp_path: Path)
         assert client.get_task(client.enqueue(add, 1, 1)) is not None
 
 
+def test_a_forked_child_opens_its_own_sqlite_connection(tmp_path: Path) -> None:
+    # The child went on with the parent's connection (SQLite forbids it: its locks
+    # are the parent's, so the child's reads were unprotected from checkpoints).
+    backend = SQLiteBackend(tmp_path / "sitq.db")
+    queue = TaskQueue(backend)
+    parent_id = asyncio.run(queue.enqueue(add, 1, 2))
+    inherited = backend._local.conn
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: report in one byte, and never return into pytest
+        code = 1
+        try:
+            child_id = asyncio.run(queue.enqueue(add, 2, 3))
+            own = backend._local.conn is not inherited
+            code = 0 if own and len(child_id) == 32 else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 10)
+        assert ready, "the child hung"
+        assert os.read(read, 1) == b"\x00", "the child used its parent's connection"
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    # The parent's connection goes on, and sees the child's task.
+    assert backend._local.conn is inherited
+    assert len(asyncio.run(queue.list_tasks())) == 2
+    assert asyncio.run(queue.get_task(parent_id)) is not None
+
+
 def test_a_forked_child_can_wait_on_a_wakeup_its_parent_was_using() -> None:
     # A fork copies a backend's Wakeup with its lock, held if another thread of the
     # parent was notifying at that moment: the child's first wait hung for ever.

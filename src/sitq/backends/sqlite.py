@@ -29,6 +29,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,6 +261,7 @@ class SQLiteBackend(Backend):
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()
+        _BACKENDS.add(self)
 
     # -- connections and transactions ---------------------------------------------
 
@@ -904,3 +906,27 @@ class SQLiteBackend(Backend):
                 ).rowcount
             )
         )
+
+
+#: Every SQLiteBackend alive in this process, for _after_fork_in_child.
+_BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
+#: The connections a forked child inherited: kept, never used nor closed there.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    """SQLite forbids using a connection in a forked child: its lock bookkeeping is
+    the parent's, so a read there is not protected against the parent's checkpoint.
+    A backend used before the fork (a module-level one, then multiprocessing) made
+    the child go on with its parent's connection. The child now starts with none
+    (watchers and open counts dropped too); the inherited one is kept referenced, so
+    the garbage collector does not close it in the child either."""
+    for backend in list(_BACKENDS):
+        inherited = getattr(backend._local, "conn", None)
+        if inherited is not None:
+            _INHERITED.append(inherited)
+        backend._local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
