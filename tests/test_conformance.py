@@ -831,6 +831,12 @@ def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:
             SQLiteBackend(path)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="needs a file"):
         SQLiteBackend(":memory:")
+    # A directory was accepted and failed at open; "sub/" made a file named sub; NUL
+    # raised a bare ValueError at open.
+    for path in ("", ".", str(tmp_path), f"{tmp_path}/sub/", "a\x00b.db"):
+        with pytest.raises(ValidationError, match="path must name a file"):
+            SQLiteBackend(path)
+    assert not (tmp_path / "sub").exists()
     assert SQLiteBackend(tmp_path / "a.db").path == SQLiteBackend(str(tmp_path / "a.db")).path
 
 

@@ -243,6 +243,9 @@ class SQLiteBackend(Backend):
             raise ValidationError(
                 f"path must be a str or os.PathLike naming a file, got {type(path).__name__}"
             )
+        if not text or text.endswith(("/", os.sep)) or "\x00" in text:
+            # "sub/" made a file named sub; NUL raised a bare ValueError at open.
+            raise ValidationError(f"path must name a file, got {text!r}")
         if text == ":memory:" or text.startswith("file::memory:"):
             raise ValidationError(
                 "SQLiteBackend needs a file so workers can share it; "
@@ -258,6 +261,8 @@ class SQLiteBackend(Backend):
         except (OSError, RuntimeError) as exc:
             # A symlink loop, or ~user naming no one (RuntimeError before Python 3.13).
             raise BackendError(f"cannot open SQLite database {text!r}: {exc}") from exc
+        if self.path.is_dir():  # ".", or a directory named by mistake
+            raise ValidationError(f"path must name a file, not the directory {self.path}")
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
         self._local = threading.local()
