@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import select
+import signal
+import warnings
 from collections.abc import Callable
 
 
@@ -21,3 +26,29 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def in_forked_child(work: Callable[[], int], timeout: float = 10.0) -> int:
+    """Run ``work()`` in a forked child and return the code (0-255) it returns; fail
+    if the child hangs. The child never returns into pytest."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 255
+        try:
+            code = work()
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], timeout)
+        assert ready, "the forked child hung"
+        return os.read(read, 1)[0]
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import gc
 import os
-import select
 import signal
 import sqlite3
 import sys
 import threading
 import time
 import uuid
-import warnings
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -29,7 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import POSTGRES_DSN, require_postgres, sessions_named
-from helpers import wait_until
+from helpers import in_forked_child, wait_until
 from sitq import (
     BackendError,
     FakeClock,
@@ -1417,31 +1415,18 @@ def test_a_sync_task_queue_copied_by_a_fork_refuses_in_the_child(tmp_path: Path)
     # The child has the object but not its loop thread: calls and close() waited for
     # that thread for ever.
     with SyncTaskQueue(SQLiteBackend(tmp_path / "sitq.db")) as client:
-        read, write = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-            pid = os.fork()
-        if pid == 0:  # the child: report in one byte, and never return into pytest
-            code = 1
+
+        def refused_in_the_child() -> int:
             try:
-                try:
-                    client.enqueue(add, 1, 1)
-                except SyncClientError as exc:
-                    code = 0 if "made in another process" in str(exc) else 2
-                client.close()
-            finally:
-                os.write(write, bytes([code]))
-                os._exit(0)
-        os.close(write)
-        try:
-            ready, _, _ = select.select([read], [], [], 10)
-            assert ready, "the child hung"
-            assert os.read(read, 1) == b"\x00"
-        finally:
-            os.close(read)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+                client.enqueue(add, 1, 1)
+            except SyncClientError as exc:
+                code = 0 if "made in another process" in str(exc) else 2
+            else:
+                code = 1
+            client.close()
+            return code
+
+        assert in_forked_child(refused_in_the_child) == 0
         # The parent's client is untouched.
         assert client.get_task(client.enqueue(add, 1, 1)) is not None
 
@@ -1453,29 +1438,12 @@ def test_a_forked_child_opens_its_own_sqlite_connection(tmp_path: Path) -> None:
     queue = TaskQueue(backend)
     parent_id = asyncio.run(queue.enqueue(add, 1, 2))
     inherited = backend._local.conn
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        pid = os.fork()
-    if pid == 0:  # the child: report in one byte, and never return into pytest
-        code = 1
-        try:
-            child_id = asyncio.run(queue.enqueue(add, 2, 3))
-            own = backend._local.conn is not inherited
-            code = 0 if own and len(child_id) == 32 else 2
-        finally:
-            os.write(write, bytes([code]))
-            os._exit(0)
-    os.close(write)
-    try:
-        ready, _, _ = select.select([read], [], [], 10)
-        assert ready, "the child hung"
-        assert os.read(read, 1) == b"\x00", "the child used its parent's connection"
-    finally:
-        os.close(read)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+
+    def enqueue_in_the_child() -> int:
+        child_id = asyncio.run(queue.enqueue(add, 2, 3))
+        return 0 if backend._local.conn is not inherited and len(child_id) == 32 else 1
+
+    assert in_forked_child(enqueue_in_the_child) == 0, "the child used its parent's connection"
     # The parent's connection goes on, and sees the child's task.
     assert backend._local.conn is inherited
     assert len(asyncio.run(queue.list_tasks())) == 2
@@ -1486,35 +1454,18 @@ def test_a_forked_child_can_wait_on_a_wakeup_its_parent_was_using() -> None:
     # A fork copies a backend's Wakeup with its lock, held if another thread of the
     # parent was notifying at that moment: the child's first wait hung for ever.
     wakeup = MemoryBackend().wakeup
-    read, write = os.pipe()
+
+    async def wait_for_a_notify() -> None:
+        woken = wakeup.subscribe()
+        wakeup.notify()
+        await asyncio.wait_for(woken.wait(), 5)
+
+    def wait_in_the_child() -> int:
+        asyncio.run(wait_for_a_notify())
+        return 0
+
     with wakeup._lock:  # as another thread of the parent holding it at the fork
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-            pid = os.fork()
-        if pid == 0:  # the child: report in one byte, and never return into pytest
-            code = 1
-            try:
-
-                async def wait_for_a_notify() -> None:
-                    woken = wakeup.subscribe()
-                    wakeup.notify()
-                    await asyncio.wait_for(woken.wait(), 5)
-
-                asyncio.run(wait_for_a_notify())
-                code = 0
-            finally:
-                os.write(write, bytes([code]))
-                os._exit(0)
-    os.close(write)
-    try:
-        ready, _, _ = select.select([read], [], [], 10)
-        assert ready, "the child hung on the lock copied held"
-        assert os.read(read, 1) == b"\x00"
-    finally:
-        os.close(read)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        assert in_forked_child(wait_in_the_child) == 0
 
 
 def _until(condition: Callable[[], object], timeout: float = 10) -> None:

@@ -9,9 +9,9 @@ LISTEN/NOTIFY) feed the same object.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import weakref
+
+from sitq.forking import renew_after_fork
 
 
 class Wakeup:
@@ -19,7 +19,7 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._start_in_this_process()
-        _WAKEUPS.add(self)
+        renew_after_fork(self)
 
     def _start_in_this_process(self) -> None:
         """Set here, and again in the child of a fork: the copied lock may have been
@@ -59,15 +59,3 @@ class Wakeup:
                     loop.call_soon_threadsafe(event.set)
                 except RuntimeError:  # the loop closed between the check and the call
                     pass
-
-
-_WAKEUPS: weakref.WeakSet[Wakeup] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for wakeup in list(_WAKEUPS):
-        wakeup._start_in_this_process()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)

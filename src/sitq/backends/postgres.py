@@ -35,7 +35,6 @@ import functools
 import json
 import logging
 import math
-import os
 import random
 import threading
 import uuid
@@ -79,6 +78,7 @@ from sitq.backends.postgres_sql import (
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, StorageUnavailableError, ValidationError
+from sitq.forking import renew_after_fork
 from sitq.scheduling import seconds_from
 from sitq.validation import INT32_MAX, int_in_range
 from sitq.wakeup import Wakeup
@@ -236,11 +236,11 @@ class PostgresBackend(Backend):
         self._opened = False
         self._migrated = False
         self._start_in_this_process()
-        _BACKENDS.add(self)
+        renew_after_fork(self)
 
     def _start_in_this_process(self) -> None:
         """The state that belongs to one process: set here, and again in the child
-        of a fork (see _after_fork_in_child)."""
+        of a fork (see sitq.forking)."""
         # One pool and one listener per event loop: asyncio connections belong to the
         # loop that made them, and a SyncTaskQueue (its own loop thread) and a Worker
         # (asyncio.run) may share this object. In a forked child the copies are the
@@ -989,19 +989,6 @@ class PostgresBackend(Backend):
             return cursor.rowcount
 
         return await self._read(work)
-
-
-#: Every PostgresBackend alive in this process, for _after_fork_in_child.
-_BACKENDS: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for backend in list(_BACKENDS):
-        backend._start_in_this_process()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _finishes_document(finishes: Sequence[Finish]) -> str:

@@ -29,7 +29,6 @@ import random
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +50,7 @@ from sitq.backends.base import (
 )
 from sitq.core import JobKind, ReservedTask, Task, TaskStatus
 from sitq.errors import BackendError, StorageUnavailableError, ValidationError
+from sitq.forking import renew_after_fork
 from sitq.wakeup import Wakeup
 
 T = TypeVar("T")
@@ -230,6 +230,10 @@ def _clears_up(exc: sqlite3.Error) -> bool:
     )
 
 
+#: The connections a forked child inherited: kept, never used nor closed there.
+_INHERITED: list[sqlite3.Connection] = []
+
+
 class SQLiteBackend(Backend):
     """Jobs in one SQLite file shared by every process on the machine."""
 
@@ -265,8 +269,19 @@ class SQLiteBackend(Backend):
             raise ValidationError(f"path must name a file, not the directory {self.path}")
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
+        self._start_in_this_process()
+        renew_after_fork(self)
+
+    def _start_in_this_process(self) -> None:
+        """Per-thread state (connection, watcher, open count): set here, and again in
+        the child of a fork (see sitq.forking). SQLite forbids using a connection in a
+        forked child: its lock bookkeeping is the parent's, so a read there is not
+        protected against the parent's checkpoint. The inherited one is kept
+        referenced, so the garbage collector does not close it in the child either."""
+        inherited = getattr(getattr(self, "_local", None), "conn", None)
+        if inherited is not None:
+            _INHERITED.append(inherited)
         self._local = threading.local()
-        _BACKENDS.add(self)
 
     # -- connections and transactions ---------------------------------------------
 
@@ -911,27 +926,3 @@ class SQLiteBackend(Backend):
                 ).rowcount
             )
         )
-
-
-#: Every SQLiteBackend alive in this process, for _after_fork_in_child.
-_BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
-#: The connections a forked child inherited: kept, never used nor closed there.
-_INHERITED: list[sqlite3.Connection] = []
-
-
-def _after_fork_in_child() -> None:
-    """SQLite forbids using a connection in a forked child: its lock bookkeeping is
-    the parent's, so a read there is not protected against the parent's checkpoint.
-    A backend used before the fork (a module-level one, then multiprocessing) made
-    the child go on with its parent's connection. The child now starts with none
-    (watchers and open counts dropped too); the inherited one is kept referenced, so
-    the garbage collector does not close it in the child either."""
-    for backend in list(_BACKENDS):
-        inherited = getattr(backend._local, "conn", None)
-        if inherited is not None:
-            _INHERITED.append(inherited)
-        backend._local = threading.local()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
