@@ -1090,12 +1090,20 @@ async def test_an_outcome_the_disk_has_no_room_for_waits_for_room(
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         # SQLITE_FULL, as from a full disk: room to claim the task, not for its result.
         conn.execute(f"PRAGMA max_page_count = {pages + 5}")
-        worker = Worker(backend, poll_interval=0.05)
+        # A short lease: the waiting outcome's must be renewed, or the task runs again.
+        worker = Worker(backend, poll_interval=0.05, visibility_timeout=0.3)
         await worker.start()
         try:
             await wait_until(lambda: "database or disk is full" in caplog.text)
+            # Meanwhile other tasks run and are recorded: kept waiting together with
+            # the claim, that one outcome stopped the worker (nothing claimed or
+            # recorded, and the task run again when its lease ran out).
+            small = [await queue.enqueue(add, n, 1) for n in range(3)]
+            for number, small_id in enumerate(small):
+                result = await queue.get_result(small_id, timeout=10)
+                assert result is not None and queue.deserialize_result(result) == number + 1
             task = await queue.get_task(task_id)
-            assert task is not None and task.status == "running"
+            assert task is not None and task.status == "running" and task.attempts == 1
             conn.execute("PRAGMA max_page_count = 1073741823")  # room again
             result = await queue.get_result(task_id, timeout=10)
             assert result is not None and result.status == "success"

@@ -155,6 +155,7 @@ class Worker:
         self._main: asyncio.Task[int] | None = None
         self._last_prune = 0.0
         self._last_claim: ClaimRequest | None = None
+        self._outcomes_wait_until = 0.0  # monotonic: see _settle
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -362,9 +363,14 @@ class Worker:
                     # and nothing when a lone task ran.
                     await asyncio.sleep(0)
                 free = self.max_concurrency - len(self._running)
-                if free <= 0 and not self._outcomes:
+                # Outcomes the storage could not take wait for the poll interval.
+                record = bool(self._outcomes) and time.monotonic() >= self._outcomes_wait_until
+                if free <= 0 and not record:
                     wake.clear()
-                    await wake.wait()
+                    if self._outcomes:
+                        await self._idle(wake, self.clock.now())
+                    else:
+                        await wake.wait()
                     continue
                 wake.clear()
                 claim = None
@@ -373,8 +379,8 @@ class Worker:
                         self.name, "task", free, self.lease, self.clock.now(), self.queues
                     )
                     self._last_claim = claim
-                settled_any = bool(self._outcomes)
-                claimed = await self._settle(claim)
+                settled_any = record
+                claimed = await self._settle(claim, with_outcomes=record)
                 if claimed is None:  # storage failed; _settle logged it
                     await self._idle(wake, self.clock.now())
                     continue
@@ -437,9 +443,13 @@ class Worker:
         except Exception:
             logger.exception("could not close the backend")
 
-    async def _settle(self, claim: ClaimRequest | None) -> list[ReservedTask] | None:
+    async def _settle(
+        self, claim: ClaimRequest | None, *, with_outcomes: bool = True
+    ) -> list[ReservedTask] | None:
         """Record finished tasks' outcomes and claim more, in one backend round trip."""
-        outcomes, self._outcomes = self._outcomes, []
+        outcomes: list[tuple[Outcome, _Running]] = []
+        if with_outcomes:
+            outcomes, self._outcomes = self._outcomes, []
         try:
             settled = await self.backend.settle([outcome for outcome, _ in outcomes], claim)
         except Exception:
@@ -447,6 +457,18 @@ class Worker:
             if outcomes:
                 outcomes = await self._settle_one_by_one(outcomes)
             self._outcomes[:0] = outcomes
+            if outcomes:
+                # They wait for the storage, tried again after the poll interval (not
+                # at every turn: a busy worker would retry, and log, once per task).
+                # Meanwhile claims go on, on their own: one outcome that cannot be
+                # stored yet (a big result on a nearly full disk) must not keep the
+                # worker from working. Their leases are renewed as they wait.
+                self._outcomes_wait_until = time.monotonic() + self.poll_interval
+                if claim is not None:
+                    try:
+                        return (await self.backend.settle([], claim)).claimed
+                    except Exception:
+                        logger.exception("could not claim tasks; will try again")
             if claim is None and outcomes and not self._giving_up:
                 # Draining at a stop: retry after the poll interval, or sooner when
                 # stop()'s timeout passes (it wakes us to give up).
@@ -467,31 +489,40 @@ class Worker:
         storage refuses every time (a value it cannot take, a row past its size limit)
         does not hold up the rest for ever: that one is recorded as a failure saying
         why, without its result, error text or traceback. Returns what is still
-        unrecorded: all of it from the first outcome the storage could not be reached
-        for, or whose plain failure could not be recorded either (the storage itself is
-        failing; retried later as a whole).
+        unrecorded: the outcomes the storage could not take for now, and all the rest
+        once two in a row could not be stored or one's plain failure could not either
+        (the storage itself is failing; retried later).
         """
+        waiting: list[tuple[Outcome, _Running]] = []
+        unavailable_in_a_row = 0
         for index, (outcome, running) in enumerate(outcomes):
             try:
                 (accepted,) = (await self.backend.settle([outcome], None)).accepted
             except StorageUnavailableError:
                 # Not this outcome's fault: had the storage come back a moment later,
                 # its plain failure would have been recorded for a task that succeeded.
-                return outcomes[index:]
+                # It waits; the next is tried, for the storage may have no room for
+                # this one alone (a big result on a nearly full disk).
+                waiting.append((outcome, running))
+                unavailable_in_a_row += 1
+                if unavailable_in_a_row == 2:
+                    return waiting + outcomes[index + 1 :]
+                continue
             except Exception as exc:
                 refused = _refused(outcome, exc)
                 try:
                     (accepted,) = (await self.backend.settle([refused], None)).accepted
                 except Exception:
-                    return outcomes[index:]
+                    return waiting + outcomes[index:]
                 logger.error(
                     "task id=%s: the storage refused its outcome (%s); recorded it failed",
                     running.reserved.id,
                     _describe(exc),
                 )
                 outcome = refused
+            unavailable_in_a_row = 0
             self._log_outcome(running, outcome, accepted)
-        return []
+        return waiting
 
     async def _idle(self, wake: asyncio.Event, now: datetime) -> None:
         """Sleep until the poll interval after ``now``, the next known due time or a
@@ -882,11 +913,15 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if not self._running:
+            # Tasks whose outcome waits for the storage keep their leases too: were
+            # they to run out while the storage is up (no room yet for a big result
+            # on a full disk), the task would be run again while its outcome waits.
+            held = [*self._running, *(running.reserved.id for _, running in self._outcomes)]
+            if not held:
                 continue
             try:
                 report = await self.backend.extend_leases(
-                    self.name, list(self._running), self.lease, self.clock.now()
+                    self.name, held, self.lease, self.clock.now()
                 )
             except Exception:
                 logger.exception("could not renew leases; will try again")
