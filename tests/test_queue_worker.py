@@ -448,6 +448,21 @@ async def test_a_start_whose_open_failed_leaves_the_worker_ready_to_start_again(
     assert (await TaskQueue(backend).get_task(task_id)).status is TaskStatus.SUCCESS  # type: ignore[union-attr]
 
 
+async def test_a_stop_that_gives_up_while_start_opens_leaves_nothing_behind() -> None:
+    # stop(timeout) gave up while start() was still opening: start() then raised
+    # InvalidStateError, and the worker's wake-up subscription stayed (one more per
+    # try), its threads never shut down and the backend's share never closed.
+    backend = _SlowToOpen()
+    worker = Worker(backend)
+    starting = asyncio.create_task(worker.start())
+    await asyncio.wait_for(backend.opening.wait(), 10)
+    await asyncio.wait_for(worker.stop(timeout=0), 10)
+    backend.may_open.set()
+    await asyncio.wait_for(starting, 10)  # returns: the worker was stopped meanwhile
+    assert worker._main is None and worker._threads is None
+    assert backend.wakeup._waiters == {}
+
+
 async def test_two_starts_at_once_make_one_worker() -> None:
     backend = _SlowToOpen()
     worker = Worker(backend)

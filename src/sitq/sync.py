@@ -230,7 +230,11 @@ def _wind_down(loop: asyncio.AbstractEventLoop, queue: TaskQueue, pid: int) -> N
             await _cancel_the_rest()
             loop.stop()
 
-    loop.call_soon_threadsafe(loop.create_task, close_and_stop())
+    wind_down = close_and_stop()
+    try:
+        loop.call_soon_threadsafe(loop.create_task, wind_down)
+    except RuntimeError:  # the loop closed since the check: nothing left to do
+        wind_down.close()
 
 
 async def _cancel_the_rest() -> None:

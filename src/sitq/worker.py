@@ -156,6 +156,7 @@ class Worker:
         self._last_prune = 0.0
         self._last_claim: ClaimRequest | None = None
         self._outcomes_wait_until = 0.0  # monotonic: see _settle
+        self._serving = False  # past opening the backend, in _session
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -176,7 +177,8 @@ class Worker:
             if self._main is main:  # cancelled before it ran, it could not say so
                 self._main = None
             raise
-        if main.done():  # stop() gave up on it while the backend opened
+        if main.done() or opened.done():  # stop() gave up on it while the backend opened
+            self._unprepare()
             await self._close_backend()
             return
         opened.set_result(None)
@@ -198,9 +200,15 @@ class Worker:
                 await self._open()
             else:
                 await opened
+            self._serving = True
             return await self._serve(burst)
         finally:
-            if self._main is asyncio.current_task():
+            self._serving = False
+            try:
+                current = asyncio.current_task()
+            except RuntimeError:  # closed unstarted by the garbage collector: no loop
+                current = None
+            if current is not None and self._main is current:
                 self._main = None
 
     async def _open(self) -> None:
@@ -208,6 +216,7 @@ class Worker:
         try:
             await self._prepare()
         except BaseException:
+            self._unprepare()
             await self._close_backend()
             raise
 
@@ -231,9 +240,14 @@ class Worker:
         if home is not asyncio.get_running_loop():
             # Its events and tasks belong to that loop: touched from here, they raised
             # "attached to a different loop" (and set the wake-up unsafely).
-            stopping = asyncio.run_coroutine_threadsafe(self.stop(timeout), home)
+            stop_there = self.stop(timeout)
             try:
-                await asyncio.wrap_future(stopping)
+                stopping = asyncio.run_coroutine_threadsafe(stop_there, home)
+            except RuntimeError:  # that loop closed: nothing runs there any more
+                stop_there.close()
+                return
+            try:
+                await _until_done(asyncio.wrap_future(stopping), main)
             except asyncio.CancelledError:
                 # Over there, serve() returning ends its asyncio.run, which cancels
                 # this stop still winding up: the worker is stopped all the same.
@@ -256,6 +270,9 @@ class Worker:
         """Past stop()'s timeout: hand back what still runs, and give the last outcomes
         STOP_STORAGE_SECONDS (both steps together) before ending the worker's task."""
         self._giving_up = True
+        if not self._serving:  # still opening the backend: nothing ran, nothing to record
+            main.cancel()
+            return
         if self._wake is not None:
             self._wake.set()
         give_up_at = time.monotonic() + STOP_STORAGE_SECONDS
@@ -269,10 +286,11 @@ class Worker:
         left = max(0.0, give_up_at - time.monotonic())
         done, _ = await asyncio.wait({main}, timeout=left)
         if not done:
-            logger.error(
-                "could not record the last outcomes in time: their tasks run "
-                "again when their leases run out"
-            )
+            if self._outcomes:
+                logger.error(
+                    "could not record the last outcomes in time: their tasks run "
+                    "again when their leases run out"
+                )
             main.cancel()
 
     async def serve(self, burst: bool = False) -> int:
@@ -347,6 +365,14 @@ class Worker:
         if self._threads is None:
             self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
 
+    def _unprepare(self) -> None:
+        """Undo _prepare (what of it was done)."""
+        if self._wake is not None:
+            self.backend.wakeup.unsubscribe(self._wake)
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
+
     async def _serve(self, burst: bool) -> int:
         wake = self._wake
         assert wake is not None
@@ -414,24 +440,15 @@ class Worker:
                 wake.clear()
                 await wake.wait()
         finally:
-            if self._running:
-                # Cancelled with tasks running (serve()'s caller cancelled, a second
-                # signal, stop() giving up, the loop's end): nothing may run on
-                # unwatched, its lease unrenewed, to run again elsewhere meanwhile.
-                # Async tasks are cancelled; no outcome is recorded, and the leases
-                # run out.
-                running_now, self._running = list(self._running.values()), {}
-                for running in running_now:
-                    running.handed_back = True
-                    if running.future is not None:
-                        running.future.cancel()
+            # Cancelled with tasks running (serve()'s caller cancelled, a second
+            # signal, stop() giving up, the loop's end): nothing may run on unwatched,
+            # its lease unrenewed, to run again elsewhere meanwhile. Async tasks are
+            # cancelled; no outcome is recorded, and the leases run out.
+            self._abandon_running()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            self.backend.wakeup.unsubscribe(wake)
-            if self._threads is not None:
-                self._threads.shutdown()
-                self._threads = None
+            self._unprepare()
             await self._close_backend()
         return self.processed - processed_before
 
@@ -941,16 +958,22 @@ class Worker:
         # All cancelled and their slots freed before any round trip: with the storage
         # down, a release can wait long, and stop() may give up on it (then the leases
         # run out instead), but nothing may keep running here after stop() returns.
-        ended = list(self._running.values())
-        self._running.clear()
-        for running in ended:
-            # Whatever a coroutine that ignores the cancellation does is not recorded.
-            running.handed_back = True
-            if running.future is not None:
-                running.future.cancel()
+        ended = self._abandon_running()
         if self._wake is not None:
             self._wake.set()
         await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
+
+    def _abandon_running(self) -> list[_Running]:
+        """Cancel what runs (async tasks; a thread cannot be) and free its slots; what
+        it does from now on is not recorded, even by a coroutine that ignores the
+        cancellation."""
+        ended = list(self._running.values())
+        self._running.clear()
+        for running in ended:
+            running.handed_back = True
+            if running.future is not None:
+                running.future.cancel()
+        return ended
 
     async def _release_lease(self, reserved: ReservedTask) -> None:
         try:
@@ -964,6 +987,15 @@ class Worker:
             )
             return
         logger.warning("handed back task %s unfinished at shutdown", reserved.id)
+
+
+async def _until_done(stopping: asyncio.Future[None], main: asyncio.Task[int]) -> None:
+    """Wait for a stop() sent to the worker's loop; or, should that loop stop without
+    running it, for the worker's task to be done."""
+    while not main.done():
+        done, _ = await asyncio.wait({stopping}, timeout=0.1)
+        if done:
+            return stopping.result()
 
 
 def _awaitable(value: Any) -> bool:

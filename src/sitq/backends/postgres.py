@@ -117,7 +117,8 @@ class _LoopState:
     pool: AsyncConnectionPool[Conn]
     #: Every connection the pool made (see _close_pool).
     connections: weakref.WeakSet[Conn]
-    #: open() calls not yet matched by a close(): the pool closes at the last one.
+    #: open() calls not yet matched by a close() (an ensure_open() that made the
+    #: state counts as one): the pool closes at the last one.
     users: int = 1
     #: Closes the pool if the loop ends without ``close()``.
     keeper: asyncio.Task[None] | None = None

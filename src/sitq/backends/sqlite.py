@@ -126,12 +126,12 @@ _RESERVED_COLUMNS = (
 
 # One registry per process so every backend object on the same file shares wake-ups.
 _WAKEUPS: dict[str, Wakeup] = {}
-_WAKEUPS_LOCK = threading.Lock()
 
 
 def _wakeup_for(path: str) -> Wakeup:
-    with _WAKEUPS_LOCK:
-        return _WAKEUPS.setdefault(path, Wakeup())
+    # No lock: setdefault is atomic (two threads racing make one spare Wakeup), and a
+    # module-level lock held by another thread at a fork would stay held in the child.
+    return _WAKEUPS.setdefault(path, Wakeup())
 
 
 def to_micros(moment: datetime) -> int:
@@ -269,6 +269,7 @@ class SQLiteBackend(Backend):
             raise ValidationError(f"path must name a file, not the directory {self.path}")
         super().__init__()
         self.wakeup = _wakeup_for(str(self.path))
+        self._warned_newer = False  # see _migrate
         self._start_in_this_process()
         renew_after_fork(self)
 
@@ -276,8 +277,9 @@ class SQLiteBackend(Backend):
         """Per-thread state (connection, watcher, open count): set here, and again in
         the child of a fork (see sitq.forking). SQLite forbids using a connection in a
         forked child: its lock bookkeeping is the parent's, so a read there is not
-        protected against the parent's checkpoint. The inherited one is kept
-        referenced, so the garbage collector does not close it in the child either."""
+        protected against the parent's checkpoint. The forking thread's inherited one is
+        kept referenced, so the garbage collector does not close it in the child
+        (other threads' go with their thread states, which Python drops at a fork)."""
         inherited = getattr(getattr(self, "_local", None), "conn", None)
         if inherited is not None:
             _INHERITED.append(inherited)
@@ -357,7 +359,8 @@ class SQLiteBackend(Backend):
         # while another process writes. Taking the lock to look held every new client,
         # and its event loop, behind the longest write under way.
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
+        if version > len(MIGRATIONS) and not self._warned_newer:
+            self._warned_newer = True  # once, not at each thread's connection
             logger.warning(
                 "%s has schema version %d, newer than this sitq knows (%d): upgrade sitq here",
                 self.path,
