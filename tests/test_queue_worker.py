@@ -409,6 +409,27 @@ async def test_stop_from_another_event_loop_stops_the_worker_there(
     assert not thread.is_alive() and served == [0]
 
 
+async def test_a_stop_with_timeout_from_another_loop_hands_the_task_back(
+    backend_kind: str, make_backend: Callable[[str], Backend]
+) -> None:
+    # The worker's task ended before the lease releases were done, so run() returned
+    # and its asyncio.run cancelled them (PostgreSQL, about half the time): the task
+    # stayed running under its lease instead of being handed back.
+    backend = make_backend(backend_kind)
+    async with TaskQueue(backend) as queue:
+        task_id = await queue.enqueue(async_busy, 60)
+        worker = Worker(backend, poll_interval=0.05)
+        thread = threading.Thread(target=lambda: asyncio.run(worker.serve()))
+        thread.start()
+        try:
+            await wait_until(lambda: STATE.running == 1)
+            await asyncio.wait_for(worker.stop(timeout=0.1), 20)
+        finally:
+            thread.join(20)
+        task = await queue.get_task(task_id)
+        assert task is not None and task.status is TaskStatus.PENDING and task.attempts == 0
+
+
 async def test_a_stop_while_start_opens_the_backend_is_not_forgotten() -> None:
     # start() registered the worker only once the backend was open: a stop() during
     # the open returned at once, and the worker then served on.
@@ -1471,6 +1492,40 @@ def test_a_forked_child_opens_its_own_sqlite_connection(tmp_path: Path) -> None:
     assert backend._local.conn is inherited
     assert len(asyncio.run(queue.list_tasks())) == 2
     assert asyncio.run(queue.get_task(parent_id)) is not None
+
+
+def test_a_child_forked_during_a_write_can_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite keeps its lock bookkeeping in process memory: a child forked while
+    # another thread of the parent was inside a write believed it held the write
+    # lock, and every write of its own failed "database is locked", for good.
+    import sitq.backends.sqlite
+
+    monkeypatch.setattr(sitq.backends.sqlite, "LOCK_PATIENCE_SECONDS", 2.0)
+    backend = SQLiteBackend(tmp_path / "sitq.db")
+    with SyncTaskQueue(backend) as client:
+        client.enqueue(add, 1, 2)
+        writing = threading.Event()
+
+        def slow_write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE sitq_jobs SET priority = 1")
+            writing.set()
+            time.sleep(0.5)  # the write under way when the fork comes
+
+        async def write_slowly() -> None:
+            await backend._write(slow_write)
+
+        writer = asyncio.run_coroutine_threadsafe(write_slowly(), client._loop)
+        assert writing.wait(10)
+
+        def enqueue_in_the_child() -> int:
+            asyncio.run(TaskQueue(backend).enqueue(add, 3, 4))
+            return 0
+
+        assert in_forked_child(enqueue_in_the_child) == 0
+        writer.result(10)
+        assert len(client.list_tasks()) == 2
 
 
 def test_a_forked_child_can_wait_on_a_wakeup_its_parent_was_using() -> None:

@@ -905,8 +905,8 @@ class Worker:
             event, detail = "retry", f"at {outcome.available_at.isoformat()}: {outcome.error}"
         if not accepted:
             logger.warning(
-                "task %s id=%s but its lease was taken over by another worker; "
-                "this outcome was discarded",
+                "task %s id=%s but its lease was lost (taken over by another worker, or "
+                "the task is no longer stored); this outcome was discarded",
                 event,
                 reserved.id,
                 extra=_task_fields(event, reserved),
@@ -945,7 +945,11 @@ class Worker:
                 continue
             # A task that finished while the renewal was in flight is not lost.
             for job_id in report.lost & self._running.keys():
-                logger.warning("lost the lease of task %s to another worker", job_id)
+                logger.warning(
+                    "lost the lease of task %s (taken over by another worker, or the task "
+                    "is no longer stored)",
+                    job_id,
+                )
             for job_id in report.cancel_requested:
                 running = self._running.get(job_id)
                 if running is not None and running.is_async and not running.cancel_requested:
@@ -959,9 +963,14 @@ class Worker:
         # down, a release can wait long, and stop() may give up on it (then the leases
         # run out instead), but nothing may keep running here after stop() returns.
         ended = self._abandon_running()
-        if self._wake is not None:
-            self._wake.set()
-        await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
+        try:
+            await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
+        finally:
+            # Only now may the worker's task end (it waits for a wake-up while tasks
+            # ran): ended first, run() returning would end its asyncio.run, which
+            # cancelled the releases still under way (a stop() from another loop).
+            if self._wake is not None:
+                self._wake.set()
 
     def _abandon_running(self) -> list[_Running]:
         """Cancel what runs (async tasks; a thread cannot be) and free its slots; what

@@ -11,9 +11,15 @@ Wake-ups: writers in the same process wake waiters at once; writes by other proc
 are noticed within about 5 ms through ``PRAGMA data_version``, polled on each event
 loop where a worker, a consumer or ``get_result`` has waited.
 
-A file deleted or replaced under open connections is noticed within about a second
-(CHECK_FILE_EVERY_SECONDS): each logs an error and opens the path again, creating the
-file and its tables if need be, rather than serving the old file unseen.
+A file deleted (with its -wal and -shm files) under open connections is noticed within
+about a second (CHECK_FILE_EVERY_SECONDS): each logs an error and opens the path again,
+creating the file and its tables if need be, rather than serving the old file unseen.
+A file replaced while its -wal and -shm stay is beyond help: SQLite would read the old
+write-ahead log into the new file (as for any SQLite application).
+
+SQLite keeps the bookkeeping of its file locks in process memory, which a fork copies:
+every call holds _CALL_LOCK, and so does a fork, so that no child starts believing it
+holds a lock its parent held at that moment.
 
 What it cannot do: serve machines that do not share the file (use PostgreSQL). Do not put the
 file on a network filesystem: SQLite's locking is not reliable there.
@@ -123,6 +129,15 @@ _RESERVED_COLUMNS = (
     " lease_expires_at, interval_us, series_id, max_deliveries,"
     " coalesce(scheduled_at, available_at), cancel_requested"
 )
+
+#: Held around every SQLite call and across a fork (see the module's docstring).
+_CALL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(
+        before=_CALL_LOCK.acquire,
+        after_in_parent=_CALL_LOCK.release,
+        after_in_child=_CALL_LOCK.release,
+    )
 
 # One registry per process so every backend object on the same file shares wake-ups.
 _WAKEUPS: dict[str, Wakeup] = {}
@@ -407,7 +422,8 @@ class SQLiteBackend(Backend):
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                return attempt(self._connection())
+                with _CALL_LOCK:
+                    return attempt(self._connection())
             except _OpenRaceError as exc:
                 if time.monotonic() > deadline:
                     raise StorageUnavailableError(
@@ -520,7 +536,8 @@ class SQLiteBackend(Backend):
         if conn is None:
             return
         self._local.conn = None
-        conn.close()
+        with _CALL_LOCK:
+            conn.close()
 
     # -- rows to objects -----------------------------------------------------------
 
