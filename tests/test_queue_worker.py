@@ -49,7 +49,7 @@ from sitq import (
     Worker,
     WorkerError,
 )
-from sitq.backends.base import Backend, ClaimRequest, Outcome, Reschedule, Settled
+from sitq.backends.base import Backend, ClaimRequest, Finish, Outcome, Reschedule, Settled
 from sitq.queue import new_id
 from sitq.serialization import DEFAULT_SERIALIZER, CloudpickleSerializer
 from sitq.worker import MAX_ERROR_CHARS
@@ -407,27 +407,6 @@ async def test_stop_from_another_event_loop_stops_the_worker_there(
     finally:
         thread.join(10)
     assert not thread.is_alive() and served == [0]
-
-
-async def test_a_stop_with_timeout_from_another_loop_hands_the_task_back(
-    backend_kind: str, make_backend: Callable[[str], Backend]
-) -> None:
-    # The worker's task ended before the lease releases were done, so run() returned
-    # and its asyncio.run cancelled them (PostgreSQL, about half the time): the task
-    # stayed running under its lease instead of being handed back.
-    backend = make_backend(backend_kind)
-    async with TaskQueue(backend) as queue:
-        task_id = await queue.enqueue(async_busy, 60)
-        worker = Worker(backend, poll_interval=0.05)
-        thread = threading.Thread(target=lambda: asyncio.run(worker.serve()))
-        thread.start()
-        try:
-            await wait_until(lambda: STATE.running == 1)
-            await asyncio.wait_for(worker.stop(timeout=0.1), 20)
-        finally:
-            thread.join(20)
-        task = await queue.get_task(task_id)
-        assert task is not None and task.status is TaskStatus.PENDING and task.attempts == 0
 
 
 async def test_a_stop_while_start_opens_the_backend_is_not_forgotten() -> None:
@@ -1127,7 +1106,8 @@ async def test_an_outcome_the_disk_has_no_room_for_waits_for_room(
         # SQLITE_FULL, as from a full disk: room to claim the task, not for its result.
         conn.execute(f"PRAGMA max_page_count = {pages + 5}")
         # A short lease: the waiting outcome's must be renewed, or the task runs again.
-        worker = Worker(backend, poll_interval=0.05, visibility_timeout=0.3)
+        # Two slots: the waiting outcome holds one (its task's lease), never more.
+        worker = Worker(backend, max_concurrency=2, poll_interval=0.05, visibility_timeout=0.3)
         await worker.start()
         try:
             await wait_until(lambda: "database or disk is full" in caplog.text)
@@ -1140,12 +1120,75 @@ async def test_an_outcome_the_disk_has_no_room_for_waits_for_room(
                 assert result is not None and queue.deserialize_result(result) == number + 1
             task = await queue.get_task(task_id)
             assert task is not None and task.status == "running" and task.attempts == 1
+            assert len(worker._running) + len(worker._waiting) <= 2
             conn.execute("PRAGMA max_page_count = 1073741823")  # room again
             result = await queue.get_result(task_id, timeout=10)
             assert result is not None and result.status == "success"
             assert queue.deserialize_result(result) == "x" * 200_000
         finally:
             await worker.stop()
+
+
+class _NoRoomForBigResults(MemoryBackend):
+    """Refuses, as a nearly full disk does, any settle holding a result over 1 KB."""
+
+    room = False
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        if not self.room and any(
+            isinstance(o, Finish) and o.result is not None and len(o.result) > 1000
+            for o in outcomes
+        ):
+            raise StorageUnavailableError("database or disk is full")
+        return await super().settle(outcomes, claim)
+
+
+async def test_waiting_outcomes_hold_their_slots_and_hold_up_no_others() -> None:
+    # Put back in front of every retry, two waiting outcomes stopped the one-by-one
+    # pass ("two in a row") before any new outcome was tried: new tasks ran and were
+    # never recorded, while claims went on past the slots, leases held for ever.
+    backend = _NoRoomForBigResults()
+    async with TaskQueue(backend) as queue:
+        big = [await queue.enqueue(text_of, 5000) for _ in range(2)]
+        worker = Worker(backend, max_concurrency=3, poll_interval=0.05)
+        await worker.start()
+        try:
+            await wait_until(lambda: len(worker._waiting) == 2)
+            small = [await queue.enqueue(add, n, 1) for n in range(3)]
+            for number, small_id in enumerate(small):
+                result = await queue.get_result(small_id, timeout=10)
+                assert result is not None and queue.deserialize_result(result) == number + 1
+            assert len(worker._running) + len(worker._waiting) <= 3
+            backend.room = True
+            for big_id in big:
+                result = await queue.get_result(big_id, timeout=10)
+                assert result is not None and result.status == "success"
+        finally:
+            backend.room = True
+            await worker.stop(timeout=5)
+
+
+@pytest.mark.parametrize("tasks", [1, 4])
+async def test_a_stop_with_timeout_from_another_loop_hands_every_task_back(
+    backend_kind: str, make_backend: Callable[[str], Backend], tasks: int
+) -> None:
+    # The first release's commit woke the worker's task, which ended and closed the
+    # pool under the releases still under way: with 4 tasks, some stayed running.
+    backend = make_backend(backend_kind)
+    async with TaskQueue(backend) as queue:
+        ids = [await queue.enqueue(async_busy, 60) for _ in range(tasks)]
+        worker = Worker(backend, max_concurrency=tasks, poll_interval=0.05)
+        thread = threading.Thread(target=lambda: asyncio.run(worker.serve()))
+        thread.start()
+        try:
+            await wait_until(lambda: STATE.running == tasks)
+            await asyncio.wait_for(worker.stop(timeout=0.1), 20)
+        finally:
+            thread.join(20)
+        states = [await queue.get_task(task_id) for task_id in ids]
+        assert [(t.status, t.attempts) for t in states if t is not None] == [
+            (TaskStatus.PENDING, 0)
+        ] * tasks
 
 
 class _SlowToOpen(MemoryBackend):
@@ -1526,6 +1569,30 @@ def test_a_child_forked_during_a_write_can_write(
         assert in_forked_child(enqueue_in_the_child) == 0
         writer.result(10)
         assert len(client.list_tasks()) == 2
+
+
+def test_an_sqlite_call_in_one_thread_does_not_hold_up_another(tmp_path: Path) -> None:
+    # One lock around every SQLite call (for forks) made a long read in a client
+    # thread stall every other thread's event loop, a worker's heartbeat included.
+    backend = SQLiteBackend(tmp_path / "sitq.db")
+    asyncio.run(TaskQueue(backend).enqueue(add, 1, 2))
+    inside, may_end, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def long_read(conn: sqlite3.Connection) -> None:
+        conn.execute("SELECT count(*) FROM sitq_jobs").fetchone()
+        inside.set()
+        may_end.wait(5)
+        ended.set()
+
+    reader = threading.Thread(target=lambda: asyncio.run(backend._read(long_read)))
+    reader.start()
+    try:
+        assert inside.wait(10)
+        assert len(asyncio.run(TaskQueue(backend).list_tasks())) == 1
+        assert not ended.is_set(), "the other thread's call waited for the long read"
+    finally:
+        may_end.set()
+        reader.join(10)
 
 
 def test_a_forked_child_can_wait_on_a_wakeup_its_parent_was_using() -> None:

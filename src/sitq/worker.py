@@ -155,7 +155,11 @@ class Worker:
         self._main: asyncio.Task[int] | None = None
         self._last_prune = 0.0
         self._last_claim: ClaimRequest | None = None
-        self._outcomes_wait_until = 0.0  # monotonic: see _settle
+        # Outcomes the storage could not take (see _settle): they hold their tasks'
+        # leases, and slots, until recorded; retried after the poll interval.
+        self._waiting: list[tuple[Outcome, _Running]] = []
+        self._retry_waiting_at = 0.0  # monotonic
+        self._handing_back = False  # lease releases of stop(timeout) under way
         self._serving = False  # past opening the backend, in _session
         self.processed = 0
 
@@ -286,7 +290,7 @@ class Worker:
         left = max(0.0, give_up_at - time.monotonic())
         done, _ = await asyncio.wait({main}, timeout=left)
         if not done:
-            if self._outcomes:
+            if self._outcomes or self._waiting:
                 logger.error(
                     "could not record the last outcomes in time: their tasks run "
                     "again when their leases run out"
@@ -388,12 +392,11 @@ class Worker:
                     # tasks per transaction, 10% more tasks/s. It costs one loop turn,
                     # and nothing when a lone task ran.
                     await asyncio.sleep(0)
-                free = self.max_concurrency - len(self._running)
-                # Outcomes the storage could not take wait for the poll interval.
-                record = bool(self._outcomes) and time.monotonic() >= self._outcomes_wait_until
-                if free <= 0 and not record:
+                free = self.max_concurrency - len(self._running) - len(self._waiting)
+                retry = bool(self._waiting) and time.monotonic() >= self._retry_waiting_at
+                if free <= 0 and not self._outcomes and not retry:
                     wake.clear()
-                    if self._outcomes:
+                    if self._waiting:
                         await self._idle(wake, self.clock.now())
                     else:
                         await wake.wait()
@@ -405,8 +408,8 @@ class Worker:
                         self.name, "task", free, self.lease, self.clock.now(), self.queues
                     )
                     self._last_claim = claim
-                settled_any = record
-                claimed = await self._settle(claim, with_outcomes=record)
+                settled_any = bool(self._outcomes) or retry
+                claimed = await self._settle(claim, retry_waiting=retry)
                 if claimed is None:  # storage failed; _settle logged it
                     await self._idle(wake, self.clock.now())
                     continue
@@ -427,15 +430,16 @@ class Worker:
                 if burst and not self._running:
                     break
                 await self._idle(wake, now)
-            while self._running or self._outcomes:
-                if self._outcomes:
+            while self._running or self._outcomes or self._waiting or self._handing_back:
+                if self._outcomes or self._waiting:
                     if await self._settle(None) is None and self._giving_up:
                         logger.error(
                             "could not record %d outcomes by the stop timeout: their tasks "
                             "run again when their leases run out",
-                            len(self._outcomes),
+                            len(self._outcomes) + len(self._waiting),
                         )
                         self._outcomes.clear()
+                        self._waiting.clear()
                     continue
                 wake.clear()
                 await wake.wait()
@@ -461,31 +465,36 @@ class Worker:
             logger.exception("could not close the backend")
 
     async def _settle(
-        self, claim: ClaimRequest | None, *, with_outcomes: bool = True
+        self, claim: ClaimRequest | None, *, retry_waiting: bool = True
     ) -> list[ReservedTask] | None:
-        """Record finished tasks' outcomes and claim more, in one backend round trip."""
-        outcomes: list[tuple[Outcome, _Running]] = []
-        if with_outcomes:
-            outcomes, self._outcomes = self._outcomes, []
+        """Record finished tasks' outcomes (with those waiting, if ``retry_waiting``)
+        and claim more, in one backend round trip."""
+        outcomes, self._outcomes = self._outcomes, []
+        if retry_waiting:
+            outcomes += self._waiting
+            self._waiting = []
         try:
             settled = await self.backend.settle([outcome for outcome, _ in outcomes], claim)
         except Exception:
             logger.exception("could not record outcomes or claim tasks; will try again")
+            storage_down = False
             if outcomes:
-                outcomes = await self._settle_one_by_one(outcomes)
-            self._outcomes[:0] = outcomes
+                outcomes, storage_down = await self._settle_one_by_one(outcomes)
+            # What the storage could not take waits, tried again after the poll interval
+            # (not at every turn: a busy worker would retry, and log, once per task),
+            # its leases renewed and its slots held. New outcomes are not held up
+            # behind it, and while the storage is up claims go on for the free slots:
+            # one outcome it has no room for yet (a big result on a nearly full disk)
+            # must not stop the worker.
+            self._waiting += outcomes
             if outcomes:
-                # They wait for the storage, tried again after the poll interval (not
-                # at every turn: a busy worker would retry, and log, once per task).
-                # Meanwhile claims go on, on their own: one outcome that cannot be
-                # stored yet (a big result on a nearly full disk) must not keep the
-                # worker from working. Their leases are renewed as they wait.
-                self._outcomes_wait_until = time.monotonic() + self.poll_interval
-                if claim is not None:
-                    try:
-                        return (await self.backend.settle([], claim)).claimed
-                    except Exception:
-                        logger.exception("could not claim tasks; will try again")
+                self._retry_waiting_at = time.monotonic() + self.poll_interval
+            free = self.max_concurrency - len(self._running) - len(self._waiting)
+            if claim is not None and outcomes and not storage_down and free > 0:
+                try:
+                    return (await self.backend.settle([], replace(claim, limit=free))).claimed
+                except Exception:
+                    logger.exception("could not claim tasks; will try again")
             if claim is None and outcomes and not self._giving_up:
                 # Draining at a stop: retry after the poll interval, or sooner when
                 # stop()'s timeout passes (it wakes us to give up).
@@ -501,14 +510,14 @@ class Worker:
 
     async def _settle_one_by_one(
         self, outcomes: list[tuple[Outcome, _Running]]
-    ) -> list[tuple[Outcome, _Running]]:
+    ) -> tuple[list[tuple[Outcome, _Running]], bool]:
         """After a failed settle, record each outcome on its own, so that one the
         storage refuses every time (a value it cannot take, a row past its size limit)
         does not hold up the rest for ever: that one is recorded as a failure saying
         why, without its result, error text or traceback. Returns what is still
         unrecorded: the outcomes the storage could not take for now, and all the rest
         once two in a row could not be stored or one's plain failure could not either
-        (the storage itself is failing; retried later).
+        (the storage itself is failing; retried later), and whether that happened.
         """
         waiting: list[tuple[Outcome, _Running]] = []
         unavailable_in_a_row = 0
@@ -523,14 +532,14 @@ class Worker:
                 waiting.append((outcome, running))
                 unavailable_in_a_row += 1
                 if unavailable_in_a_row == 2:
-                    return waiting + outcomes[index + 1 :]
+                    return waiting + outcomes[index + 1 :], True
                 continue
             except Exception as exc:
                 refused = _refused(outcome, exc)
                 try:
                     (accepted,) = (await self.backend.settle([refused], None)).accepted
                 except Exception:
-                    return waiting + outcomes[index:]
+                    return waiting + outcomes[index:], True
                 logger.error(
                     "task id=%s: the storage refused its outcome (%s); recorded it failed",
                     running.reserved.id,
@@ -539,7 +548,7 @@ class Worker:
                 outcome = refused
             unavailable_in_a_row = 0
             self._log_outcome(running, outcome, accepted)
-        return waiting
+        return waiting, False
 
     async def _idle(self, wake: asyncio.Event, now: datetime) -> None:
         """Sleep until the poll interval after ``now``, the next known due time or a
@@ -612,6 +621,12 @@ class Worker:
         slots of no-op sync tasks, skipping the asyncio task per call took 7% off the
         worker's CPU per task and drained 8-10% more tasks/s.
         """
+        if any(running.reserved.id == reserved.id for _, running in self._waiting):
+            # Its lease ran out while its outcome waited for the storage (the renewals
+            # failed too), and this claim took it back: the outcome stands, to be
+            # recorded under this lease; a second run would record another.
+            logger.warning("task id=%s: claimed back while its outcome waits", reserved.id)
+            return
         held = self._running.get(reserved.id)
         if held is not None:
             # Its lease ran out while it ran here (the event loop was blocked for longer
@@ -933,7 +948,10 @@ class Worker:
             # Tasks whose outcome waits for the storage keep their leases too: were
             # they to run out while the storage is up (no room yet for a big result
             # on a full disk), the task would be run again while its outcome waits.
-            held = [*self._running, *(running.reserved.id for _, running in self._outcomes)]
+            held = [
+                *self._running,
+                *(running.reserved.id for _, running in [*self._outcomes, *self._waiting]),
+            ]
             if not held:
                 continue
             try:
@@ -963,12 +981,14 @@ class Worker:
         # down, a release can wait long, and stop() may give up on it (then the leases
         # run out instead), but nothing may keep running here after stop() returns.
         ended = self._abandon_running()
+        # The worker's task must not end before the releases are done (each commit
+        # wakes it): run() returning would end its asyncio.run, which cancelled the
+        # releases still under way, or close the pool under them.
+        self._handing_back = True
         try:
             await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
         finally:
-            # Only now may the worker's task end (it waits for a wake-up while tasks
-            # ran): ended first, run() returning would end its asyncio.run, which
-            # cancelled the releases still under way (a stop() from another loop).
+            self._handing_back = False
             if self._wake is not None:
                 self._wake.set()
 

@@ -18,8 +18,9 @@ A file replaced while its -wal and -shm stay is beyond help: SQLite would read t
 write-ahead log into the new file (as for any SQLite application).
 
 SQLite keeps the bookkeeping of its file locks in process memory, which a fork copies:
-every call holds _CALL_LOCK, and so does a fork, so that no child starts believing it
-holds a lock its parent held at that moment.
+a fork waits for the SQLite calls under way to end (_FORK_GATE), so that no child
+starts believing it holds a lock its parent held at that moment. The calls do not wait
+for one another.
 
 What it cannot do: serve machines that do not share the file (use PostgreSQL). Do not put the
 file on a network filesystem: SQLite's locking is not reliable there.
@@ -35,7 +36,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -130,13 +131,55 @@ _RESERVED_COLUMNS = (
     " coalesce(scheduled_at, available_at), cancel_requested"
 )
 
-#: Held around every SQLite call and across a fork (see the module's docstring).
-_CALL_LOCK = threading.Lock()
+
+class _ForkGate:
+    """SQLite calls pass it together; a fork waits until none is under way, and new
+    calls wait for the fork. (One lock around every call made a long read in one
+    thread stall every other thread's event loop, and logging inside it could
+    deadlock.)"""
+
+    def __init__(self) -> None:
+        self.after_fork_in_child()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                if not self._calls:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        with self._cond:
+            self._forking = True
+            # Bounded: a fork from inside a call (a task never runs in one) must not
+            # wait for itself for ever.
+            self._cond.wait_for(lambda: not self._calls, timeout=30)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        # Fresh: the parent's calls and waiters are not in the child.
+        self._cond = threading.Condition(threading.Lock())
+        self._calls = 0
+        self._forking = False
+
+
+_FORK_GATE = _ForkGate()
 if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
     os.register_at_fork(
-        before=_CALL_LOCK.acquire,
-        after_in_parent=_CALL_LOCK.release,
-        after_in_child=_CALL_LOCK.release,
+        before=_FORK_GATE.before_fork,
+        after_in_parent=_FORK_GATE.after_fork_in_parent,
+        after_in_child=_FORK_GATE.after_fork_in_child,
     )
 
 # One registry per process so every backend object on the same file shares wake-ups.
@@ -422,7 +465,7 @@ class SQLiteBackend(Backend):
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                with _CALL_LOCK:
+                with _FORK_GATE.call():
                     return attempt(self._connection())
             except _OpenRaceError as exc:
                 if time.monotonic() > deadline:
@@ -536,7 +579,7 @@ class SQLiteBackend(Backend):
         if conn is None:
             return
         self._local.conn = None
-        with _CALL_LOCK:
+        with _FORK_GATE.call():
             conn.close()
 
     # -- rows to objects -----------------------------------------------------------
