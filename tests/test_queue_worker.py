@@ -1168,6 +1168,93 @@ async def test_waiting_outcomes_hold_their_slots_and_hold_up_no_others() -> None
             await worker.stop(timeout=5)
 
 
+class _ReleasesWhenAllowed(MemoryBackend):
+    """Lease releases (reschedules) start, then wait for the test's word."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releasing = threading.Event()
+        self.may_release = threading.Event()
+
+    async def reschedule(self, reschedule: Reschedule) -> bool:
+        self.releasing.set()
+        await asyncio.to_thread(self.may_release.wait, 10)
+        return await super().reschedule(reschedule)
+
+
+async def test_a_second_stop_does_not_end_the_worker_under_the_first_hand_back() -> None:
+    # The second give-up found nothing to hand back and cleared the "handing back"
+    # flag at once: the worker ended, and run()'s asyncio.run cancelled the first
+    # stop's release under way, leaving the task running under its lease.
+    backend = _ReleasesWhenAllowed()
+    async with TaskQueue(backend) as queue:
+        task_id = await queue.enqueue(async_busy, 60)
+        worker = Worker(backend, poll_interval=0.05)
+        hand_backs_done = 0
+        hand_back = worker._hand_back_running
+
+        async def counted_hand_back() -> None:
+            nonlocal hand_backs_done
+            await hand_back()
+            hand_backs_done += 1
+
+        worker._hand_back_running = counted_hand_back  # type: ignore[method-assign]
+        thread = threading.Thread(target=lambda: asyncio.run(worker.serve()))
+        thread.start()
+        try:
+            await wait_until(lambda: STATE.running == 1)
+            first = asyncio.create_task(worker.stop(timeout=0.05))
+            await wait_until(backend.releasing.is_set)
+            second = asyncio.create_task(worker.stop(timeout=0.05))
+            await wait_until(lambda: hand_backs_done == 1)  # the second's, with nothing
+            assert worker._handing_back, "the worker may end under the first hand-back"
+            backend.may_release.set()
+            await asyncio.wait_for(asyncio.gather(first, second), 20)
+        finally:
+            backend.may_release.set()
+            thread.join(20)
+        task = await queue.get_task(task_id)
+        assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
+
+
+async def test_a_worker_whose_slots_wait_on_outcomes_does_not_look_for_work() -> None:
+    # Its idle wait counted only running tasks as taken: with its one slot held by a
+    # waiting outcome and a task due, it read the next due time and woke at once, for
+    # ever (156,254 reads a second in the review's script).
+    backend = _NoRoomForBigResults()
+    looked_while_full: list[int] = []
+    next_due = backend.next_due
+
+    async def counting_next_due(*args: Any) -> Any:
+        if len(worker._running) + len(worker._waiting) >= worker.max_concurrency:
+            looked_while_full.append(1)
+        return await next_due(*args)
+
+    backend.next_due = counting_next_due  # type: ignore[method-assign]
+    async with TaskQueue(backend) as queue:
+        await queue.enqueue(text_of, 5000)
+        worker = Worker(backend, max_concurrency=1, poll_interval=0.05)
+        idles = 0
+        idle = worker._idle
+
+        async def counted_idle(*args: Any) -> None:
+            nonlocal idles
+            idles += 1
+            await idle(*args)
+
+        worker._idle = counted_idle  # type: ignore[method-assign]
+        await worker.start()
+        try:
+            await wait_until(lambda: len(worker._waiting) == 1)
+            await queue.enqueue(add, 1, 2)  # due, but no slot for it
+            seen = idles
+            await wait_until(lambda: idles >= seen + 3)
+            assert looked_while_full == []
+        finally:
+            backend.room = True
+            await worker.stop(timeout=5)
+
+
 @pytest.mark.parametrize("tasks", [1, 4])
 async def test_a_stop_with_timeout_from_another_loop_hands_every_task_back(
     backend_kind: str, make_backend: Callable[[str], Backend], tasks: int

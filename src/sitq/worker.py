@@ -159,7 +159,7 @@ class Worker:
         # leases, and slots, until recorded; retried after the poll interval.
         self._waiting: list[tuple[Outcome, _Running]] = []
         self._retry_waiting_at = 0.0  # monotonic
-        self._handing_back = False  # lease releases of stop(timeout) under way
+        self._handing_back = 0  # stop(timeout) hand-backs under way
         self._serving = False  # past opening the backend, in _session
         self.processed = 0
 
@@ -557,7 +557,7 @@ class Worker:
         # Any free slot must wake for the next due time, also while other tasks run:
         # gating this on "nothing running" let an eta task start up to poll_interval
         # late whenever a long task occupied another slot.
-        if len(self._running) < self.max_concurrency:
+        if len(self._running) + len(self._waiting) < self.max_concurrency:
             try:
                 # Listening again if the backend was closed and reopened under us.
                 await self.backend.watch_work()
@@ -984,11 +984,11 @@ class Worker:
         # The worker's task must not end before the releases are done (each commit
         # wakes it): run() returning would end its asyncio.run, which cancelled the
         # releases still under way, or close the pool under them.
-        self._handing_back = True
+        self._handing_back += 1  # a count: a second stop(timeout) may overlap the first
         try:
             await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
         finally:
-            self._handing_back = False
+            self._handing_back -= 1
             if self._wake is not None:
                 self._wake.set()
 

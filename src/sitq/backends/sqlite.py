@@ -144,7 +144,7 @@ class _ForkGate:
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
         with self._cond:
-            while self._forking:
+            while self._forks:
                 self._cond.wait()
             self._calls += 1
         try:
@@ -157,21 +157,21 @@ class _ForkGate:
 
     def before_fork(self) -> None:
         with self._cond:
-            self._forking = True
+            self._forks += 1  # a count: two threads may fork at once
             # Bounded: a fork from inside a call (a task never runs in one) must not
             # wait for itself for ever.
             self._cond.wait_for(lambda: not self._calls, timeout=30)
 
     def after_fork_in_parent(self) -> None:
         with self._cond:
-            self._forking = False
+            self._forks -= 1
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
         # Fresh: the parent's calls and waiters are not in the child.
         self._cond = threading.Condition(threading.Lock())
         self._calls = 0
-        self._forking = False
+        self._forks = 0
 
 
 _FORK_GATE = _ForkGate()
