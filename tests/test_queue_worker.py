@@ -1217,6 +1217,45 @@ async def test_a_second_stop_does_not_end_the_worker_under_the_first_hand_back()
         assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
 
 
+class _ClaimsWhenAllowed(MemoryBackend):
+    """A claim's answer is held back until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming = asyncio.Event()
+        self.may_answer = asyncio.Event()
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        settled = await super().settle(outcomes, claim)
+        if settled.claimed:
+            self.claiming.set()
+            await self.may_answer.wait()
+        return settled
+
+
+async def test_a_task_claimed_as_stop_gives_up_is_handed_back_not_started() -> None:
+    # The claim under way when stop(timeout) handed back what ran came back after it:
+    # its tasks were started, ran until stop() gave up on the worker 5 s later, and
+    # stayed under their leases, an attempt used.
+    backend = _ClaimsWhenAllowed()
+    async with TaskQueue(backend) as queue:
+        worker = Worker(backend, poll_interval=0.05)
+        await worker.start()
+        try:
+            task_id = await queue.enqueue(async_busy, 60)
+            await asyncio.wait_for(backend.claiming.wait(), 10)
+            stopping = asyncio.create_task(worker.stop(timeout=0.05))
+            await wait_until(lambda: worker._giving_up)
+            backend.may_answer.set()
+            await asyncio.wait_for(stopping, 10)
+        finally:
+            backend.may_answer.set()
+            await worker.stop()
+        task = await queue.get_task(task_id)
+        assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
+        assert STATE.running == 0
+
+
 async def test_a_worker_whose_slots_wait_on_outcomes_does_not_look_for_work() -> None:
     # Its idle wait counted only running tasks as taken: with its one slot held by a
     # waiting outcome and a task due, it read the next due time and woke at once, for

@@ -413,6 +413,11 @@ class Worker:
                 if claimed is None:  # storage failed; _settle logged it
                     await self._idle(wake, self.clock.now())
                     continue
+                if self._giving_up and claimed:
+                    # Claimed while stop(timeout) gave up (the claim was under way as it
+                    # handed back what ran): not started, handed back too.
+                    await self._hand_back(claimed)
+                    claimed = []
                 for reserved in claimed:
                     self._launch(reserved)
                 # The prune and the idle deadline go by the time of this turn's claim,
@@ -489,7 +494,9 @@ class Worker:
             self._waiting += outcomes
             if outcomes:
                 self._retry_waiting_at = time.monotonic() + self.poll_interval
-            free = self.max_concurrency - len(self._running) - len(self._waiting)
+            # Tasks that finished meanwhile (their outcomes new) hold leases too.
+            held = len(self._running) + len(self._waiting) + len(self._outcomes)
+            free = self.max_concurrency - held
             if claim is not None and outcomes and not storage_down and free > 0:
                 try:
                     return (await self.backend.settle([], replace(claim, limit=free))).claimed
@@ -621,7 +628,9 @@ class Worker:
         slots of no-op sync tasks, skipping the asyncio task per call took 7% off the
         worker's CPU per task and drained 8-10% more tasks/s.
         """
-        if any(running.reserved.id == reserved.id for _, running in self._waiting):
+        if any(
+            running.reserved.id == reserved.id for _, running in [*self._waiting, *self._outcomes]
+        ):
             # Its lease ran out while its outcome waited for the storage (the renewals
             # failed too), and this claim took it back: the outcome stands, to be
             # recorded under this lease; a second run would record another.
@@ -981,16 +990,22 @@ class Worker:
         # down, a release can wait long, and stop() may give up on it (then the leases
         # run out instead), but nothing may keep running here after stop() returns.
         ended = self._abandon_running()
-        # The worker's task must not end before the releases are done (each commit
-        # wakes it): run() returning would end its asyncio.run, which cancelled the
-        # releases still under way, or close the pool under them.
-        self._handing_back += 1  # a count: a second stop(timeout) may overlap the first
         try:
-            await asyncio.gather(*(self._release_lease(running.reserved) for running in ended))
+            await self._hand_back([running.reserved for running in ended])
         finally:
-            self._handing_back -= 1
             if self._wake is not None:
                 self._wake.set()
+
+    async def _hand_back(self, tasks: list[ReservedTask]) -> None:
+        """Release the leases of tasks this worker will not finish. The worker's task
+        must not end meanwhile (each commit wakes it): run() returning would end its
+        asyncio.run, which cancelled the releases still under way, or close the pool
+        under them. A count: a second stop(timeout) may overlap the first."""
+        self._handing_back += 1
+        try:
+            await asyncio.gather(*(self._release_lease(reserved) for reserved in tasks))
+        finally:
+            self._handing_back -= 1
 
     def _abandon_running(self) -> list[_Running]:
         """Cancel what runs (async tasks; a thread cannot be) and free its slots; what
