@@ -415,8 +415,10 @@ class Worker:
                     continue
                 if self._giving_up and claimed:
                     # Claimed while stop(timeout) gave up (the claim was under way as it
-                    # handed back what ran): not started, handed back too.
-                    await self._hand_back(claimed)
+                    # handed back what ran): not started, handed back too, except a
+                    # task whose outcome is held here (claimed back, see _launch).
+                    held = {r.reserved.id for _, r in [*self._waiting, *self._outcomes]}
+                    await self._hand_back([task for task in claimed if task.id not in held])
                     claimed = []
                 for reserved in claimed:
                     self._launch(reserved)
