@@ -52,3 +52,10 @@ def in_forked_child(work: Callable[[], int], timeout: float = 10.0) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def remove_sqlite_files(path: object) -> None:
+    """Delete an SQLite database with its -wal and -shm files, as an operator might."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{path}{suffix}")

@@ -646,23 +646,33 @@ def test_supervisor_forwards_a_second_signal(
     assert sqlite_store.status(slow) is TaskStatus.RUNNING
 
 
+def _importing_slowly(
+    store: Store, workers: list[WorkerProcess], importers: int, *options: str, **env: str
+) -> WorkerProcess:
+    """``sitq worker`` importing a slow task module (cli_slow_import), once
+    ``importers`` processes are inside that import."""
+    markers = store.tmp / "importing"
+    markers.mkdir()
+    worker = WorkerProcess(
+        "--backend",
+        store.url,
+        "--import",
+        "cli_slow_import",
+        *options,
+        env=_env(SITQ_TEST_IMPORT_MARKERS=str(markers), **env),
+    )
+    workers.append(worker)
+    wait_for(lambda: len(list(markers.iterdir())) == importers, "the imports to start")
+    return worker
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_worker_starts_exits_0(
     sqlite_store: Store, workers: list[WorkerProcess], signum: int
 ) -> None:
     # Before the worker sets its handlers (here: importing a slow task module), SIGINT
     # printed click's "Aborted!" and exited 1, SIGTERM killed it silently (143).
-    markers = sqlite_store.tmp / "importing"
-    markers.mkdir()
-    worker = WorkerProcess(
-        "--backend",
-        sqlite_store.url,
-        "--import",
-        "cli_slow_import",
-        env=_env(SITQ_TEST_IMPORT_MARKERS=str(markers)),
-    )
-    workers.append(worker)
-    wait_for(lambda: any(markers.iterdir()), "the worker to be importing")
+    worker = _importing_slowly(sqlite_store, workers, 1)
     worker.signal(signum)
     assert worker.wait() == 0, worker.stderr
     assert f"{signal.Signals(signum).name} received before the worker started" in worker.stderr
@@ -671,19 +681,9 @@ def test_a_signal_while_the_worker_starts_exits_0(
 def test_a_signal_while_the_supervisors_workers_start_stops_them_all_cleanly(
     sqlite_store: Store, workers: list[WorkerProcess]
 ) -> None:
-    markers = sqlite_store.tmp / "importing"
-    markers.mkdir()
-    worker = WorkerProcess(
-        "--backend",
-        sqlite_store.url,
-        "--import",
-        "cli_slow_import",
-        "--processes",
-        "3",
-        env=_env(SITQ_TEST_IMPORT_MARKERS=str(markers), SITQ_TEST_SLOW_IN_CHILDREN="1"),
+    worker = _importing_slowly(
+        sqlite_store, workers, 3, "--processes", "3", SITQ_TEST_SLOW_IN_CHILDREN="1"
     )
-    workers.append(worker)
-    wait_for(lambda: len(list(markers.iterdir())) == 3, "the worker processes to be importing")
     # Ctrl-C: forwarded to children still starting, it failed them with exit 1.
     worker.signal(signal.SIGINT)
     assert worker.wait() == 0, worker.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from helpers import remove_sqlite_files
 from sitq import (
     BackendError,
     SQLiteBackend,
@@ -870,9 +870,7 @@ async def test_an_sqlite_backend_opened_again_after_its_file_was_deleted_creates
     await backend.open()
     await backend.enqueue([job("before")])
     await backend.close()
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(f"{path}{suffix}")
+    remove_sqlite_files(path)
     await backend.open()
     try:
         await backend.enqueue([job("after")])

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import POSTGRES_DSN, require_postgres, sessions_named
-from helpers import in_forked_child, wait_until
+from helpers import in_forked_child, remove_sqlite_files, wait_until
 from sitq import (
     BackendError,
     FakeClock,
@@ -2038,6 +2038,20 @@ async def _finished_by_the_worker(queue: TaskQueue, task_id: str) -> Task:
     return task
 
 
+@contextlib.asynccontextmanager
+async def _asleep_watching(backend: Backend) -> AsyncIterator[Worker]:
+    """A started worker that polls only hourly, once it has gone to sleep: from then
+    on only a wake-up (here, from another process's commit) makes it look."""
+    clock = WatchedClock()
+    worker = Worker(backend, poll_interval=3600, clock=clock)
+    await worker.start()
+    try:
+        await wait_until(lambda: clock.sleeps)
+        yield worker
+    finally:
+        await worker.stop()
+
+
 async def test_a_client_closing_a_shared_sqlite_backend_leaves_the_worker_watching(
     tmp_path: Path,
 ) -> None:
@@ -2046,17 +2060,11 @@ async def test_a_client_closing_a_shared_sqlite_backend_leaves_the_worker_watchi
     # worker's poll interval.
     path = tmp_path / "sitq.db"
     backend = SQLiteBackend(path)
-    clock = WatchedClock()
-    worker = Worker(backend, poll_interval=3600, clock=clock)
-    await worker.start()
-    try:
-        await wait_until(lambda: clock.sleeps)  # watching, asleep
+    async with _asleep_watching(backend):
         async with TaskQueue(backend) as client:
             assert sum((await client.counts()).values()) == 0
         task_id = await _enqueue_in_another_process(path)
         await _finished_by_the_worker(TaskQueue(backend), task_id)
-    finally:
-        await worker.stop()
 
 
 async def test_a_worker_watches_again_after_its_sqlite_backend_was_closed_under_it(
@@ -2064,19 +2072,13 @@ async def test_a_worker_watches_again_after_its_sqlite_backend_was_closed_under_
 ) -> None:
     path = tmp_path / "sitq.db"
     backend = SQLiteBackend(path)
-    clock = WatchedClock()
-    worker = Worker(backend, poll_interval=3600, clock=clock)
     await backend.open()
-    await worker.start()
-    try:
-        await wait_until(lambda: clock.sleeps)
+    async with _asleep_watching(backend):
         await backend.close()
         await backend.close()  # one more than it opened: the watcher goes under the worker
         for _ in range(2):
             task_id = await _enqueue_in_another_process(path)
             await _finished_by_the_worker(TaskQueue(backend), task_id)
-    finally:
-        await worker.stop()
 
 
 async def test_a_worker_whose_sqlite_file_was_deleted_serves_the_new_one(
@@ -2085,18 +2087,10 @@ async def test_a_worker_whose_sqlite_file_was_deleted_serves_the_new_one(
     # Its connection carried on with the deleted file, silently: work enqueued in the
     # file created at the path since never ran until the worker restarted.
     path = tmp_path / "sitq.db"
-    clock = WatchedClock()
-    worker = Worker(SQLiteBackend(path), poll_interval=3600, clock=clock)
-    await worker.start()
-    try:
-        await wait_until(lambda: clock.sleeps)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(f"{path}{suffix}")
+    async with _asleep_watching(SQLiteBackend(path)):
+        remove_sqlite_files(path)
         async with TaskQueue(SQLiteBackend(path)) as queue:  # creates the file again
             task_id = await queue.enqueue(add, 1, 2)
             result = await queue.get_result(task_id, timeout=10)
             assert result is not None and queue.deserialize_result(result) == 3
-    finally:
-        await worker.stop()
     assert caplog.text.count(f"SQLite database {path} was deleted or replaced") == 1
