@@ -615,7 +615,7 @@ async def test_a_failing_task_never_stops_the_worker(queue: TaskQueue, worker: W
         ({"queues": ["a\x00b"]}, "queue must not contain NUL"),
         ({"name": 123}, "name must be a str"),
         ({"name": ""}, "name must not be empty"),
-        ({"serializer": "pickle"}, "serializer must have dumps"),
+        ({"serializer": "pickle"}, "serializer must be an object with dumps"),
         # A class has the methods too: it failed every task the worker claimed.
         ({"serializer": CloudpickleSerializer}, "an instance, not a class"),
         ({"clock": FakeClock}, "clock must be an object with now"),
@@ -640,7 +640,7 @@ def test_worker_rejects_bad_options_when_built(options: dict[str, Any], message:
         ({"queue_retry": {"emails": 5}}, r"queue_retry\['emails'\] must be a RetryPolicy"),
         ({"queue_retry": [("emails", RetryPolicy())]}, "queue_retry must map"),
         ({"queue_retry": {"": RetryPolicy()}}, "queue"),
-        ({"serializer": object()}, "serializer must have dumps"),
+        ({"serializer": object()}, "serializer must be an object with dumps"),
         ({"serializer": CloudpickleSerializer}, "an instance, not a class"),
         ({"clock": FakeClock}, "clock must be an object with now"),
     ],

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import pickle
 import reprlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import cloudpickle
 
-from sitq.errors import SerializationError, ValidationError
+from sitq.errors import SerializationError
+from sitq.validation import implementation
 
 
 @runtime_checkable
@@ -51,15 +52,9 @@ def stored_bytes(data: object, what: str) -> bytes:
 
 
 def checked(serializer: object) -> Serializer:
-    """``serializer`` if it has the Serializer methods; ValidationError if not."""
-    if isinstance(serializer, type) or not isinstance(serializer, Serializer):
-        # A class has the methods too (unbound): CloudpickleSerializer for
-        # CloudpickleSerializer() failed at the first enqueue, or every claimed task.
-        raise ValidationError(
-            "serializer must have dumps(obj) -> bytes and loads(bytes) methods (an "
-            f"instance, not a class), got {serializer!r}"
-        )
-    return serializer
+    """``serializer`` if it is an object with the Serializer methods; ValidationError if
+    not (a class has them too, unbound)."""
+    return cast(Serializer, implementation(serializer, "serializer", ("dumps", "loads")))
 
 
 class CloudpickleSerializer:

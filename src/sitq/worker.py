@@ -392,7 +392,8 @@ class Worker:
                     # tasks per transaction, 10% more tasks/s. It costs one loop turn,
                     # and nothing when a lone task ran.
                     await asyncio.sleep(0)
-                free = self.max_concurrency - len(self._running) - len(self._waiting)
+                # New outcomes are settled in the claim's own transaction: not counted.
+                free = self.max_concurrency - self._slots_taken()
                 retry = bool(self._waiting) and time.monotonic() >= self._retry_waiting_at
                 if free <= 0 and not self._outcomes and not retry:
                     wake.clear()
@@ -413,12 +414,12 @@ class Worker:
                 if claimed is None:  # storage failed; _settle logged it
                     await self._idle(wake, self.clock.now())
                     continue
+                if claimed and (self._waiting or self._outcomes):
+                    claimed = self._without_held_outcomes(claimed)
                 if self._giving_up and claimed:
                     # Claimed while stop(timeout) gave up (the claim was under way as it
-                    # handed back what ran): not started, handed back too, except a
-                    # task whose outcome is held here (claimed back, see _launch).
-                    held = {r.reserved.id for _, r in [*self._waiting, *self._outcomes]}
-                    await self._hand_back([task for task in claimed if task.id not in held])
+                    # handed back what ran): not started, handed back too.
+                    await self._hand_back(claimed)
                     claimed = []
                 for reserved in claimed:
                     self._launch(reserved)
@@ -496,9 +497,9 @@ class Worker:
             self._waiting += outcomes
             if outcomes:
                 self._retry_waiting_at = time.monotonic() + self.poll_interval
-            # Tasks that finished meanwhile (their outcomes new) hold leases too.
-            held = len(self._running) + len(self._waiting) + len(self._outcomes)
-            free = self.max_concurrency - held
+            # Tasks that finished meanwhile hold leases too: their new outcomes do not
+            # go with this claim.
+            free = self.max_concurrency - self._slots_taken() - len(self._outcomes)
             if claim is not None and outcomes and not storage_down and free > 0:
                 try:
                     return (await self.backend.settle([], replace(claim, limit=free))).claimed
@@ -566,7 +567,7 @@ class Worker:
         # Any free slot must wake for the next due time, also while other tasks run:
         # gating this on "nothing running" let an eta task start up to poll_interval
         # late whenever a long task occupied another slot.
-        if len(self._running) + len(self._waiting) < self.max_concurrency:
+        if self._slots_taken() < self.max_concurrency:
             try:
                 # Listening again if the backend was closed and reopened under us.
                 await self.backend.watch_work()
@@ -630,14 +631,6 @@ class Worker:
         slots of no-op sync tasks, skipping the asyncio task per call took 7% off the
         worker's CPU per task and drained 8-10% more tasks/s.
         """
-        if any(
-            running.reserved.id == reserved.id for _, running in [*self._waiting, *self._outcomes]
-        ):
-            # Its lease ran out while its outcome waited for the storage (the renewals
-            # failed too), and this claim took it back: the outcome stands, to be
-            # recorded under this lease; a second run would record another.
-            logger.warning("task id=%s: claimed back while its outcome waits", reserved.id)
-            return
         held = self._running.get(reserved.id)
         if held is not None:
             # Its lease ran out while it ran here (the event loop was blocked for longer
@@ -701,6 +694,22 @@ class Worker:
             return
         running.future = future
         future.add_done_callback(functools.partial(self._thread_done, running, call))
+
+    def _slots_taken(self) -> int:
+        """Slots held by running tasks and by outcomes waiting for the storage (each
+        keeps its task's lease)."""
+        return len(self._running) + len(self._waiting)
+
+    def _without_held_outcomes(self, claimed: list[ReservedTask]) -> list[ReservedTask]:
+        """``claimed`` less the tasks whose outcome this worker holds: their lease ran
+        out while the outcome waited (the renewals failed too) and this claim took them
+        back. The outcome stands, to be recorded under this lease; a second run would
+        record another. Checked per claim only while outcomes are held."""
+        held = {running.reserved.id for _, running in [*self._waiting, *self._outcomes]}
+        for reserved in claimed:
+            if reserved.id in held:
+                logger.warning("task id=%s: claimed back while its outcome waits", reserved.id)
+        return [reserved for reserved in claimed if reserved.id not in held]
 
     def _end_unrun(self, running: _Running, status: TaskStatus, error: str) -> None:
         """Record a claimed task's final outcome without running it."""
