@@ -275,7 +275,6 @@ class MemoryBackend(Backend):
                 if (query.status is None or row.status is query.status)
                 and (query.queue is None or row.job.queue == query.queue)
                 and (query.kind is None or row.job.kind == query.kind)
-                and (ids is None or row.job.id in ids)
                 and (query.statuses is None or row.status in query.statuses)
             ]
             rows.sort(key=lambda row: (row.job.enqueued_at, row.seq), reverse=True)

@@ -117,9 +117,9 @@ class _LoopState:
     pool: AsyncConnectionPool[Conn]
     #: Every connection the pool made (see _close_pool).
     connections: weakref.WeakSet[Conn]
-    #: open() calls not yet matched by a close() (an ensure_open() that made the
-    #: state counts as one): the pool closes at the last one.
-    users: int = 1
+    #: open() calls not yet matched by a close() (ensure_open() takes no share, as
+    #: on SQLite): the pool closes at the last one.
+    users: int
     #: Closes the pool if the loop ends without ``close()``.
     keeper: asyncio.Task[None] | None = None
     #: By channel; each started by the first wait for what its channel announces.
@@ -286,10 +286,10 @@ class PostgresBackend(Backend):
                 if share:
                     state.users += 1
                 return
-            await self._open(loop)
+            await self._open(loop, users=1 if share else 0)
         self._opened = True
 
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _open(self, loop: asyncio.AbstractEventLoop, users: int) -> None:
         connections: weakref.WeakSet[Conn] = weakref.WeakSet()
 
         async def track(conn: Conn) -> None:
@@ -316,7 +316,7 @@ class PostgresBackend(Backend):
             # ("too many clients", "database ... does not exist") went to its log.
             reason = await self._connection_refusal() or str(exc)
             raise BackendError(f"cannot connect to PostgreSQL: {reason}") from exc
-        state = _LoopState(pool, connections)
+        state = _LoopState(pool, connections, users)
         with self._loops_lock:
             self._loops[loop] = state
         try:
@@ -409,7 +409,13 @@ class PostgresBackend(Backend):
         if listener is None or listener.task.done():
             listening = asyncio.Event()
             task = asyncio.create_task(
-                listen(self.dsn, channel, wakeup, listening, self.connect_timeout, self._token),
+                listen(
+                    with_connect_timeout(self.dsn, self.connect_timeout),
+                    channel,
+                    wakeup,
+                    listening,
+                    self._token,
+                ),
                 name=f"sitq-listen-{channel}",
             )
             listener = state.listeners[channel] = _Listener(task, listening)

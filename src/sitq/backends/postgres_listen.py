@@ -29,12 +29,12 @@ async def listen(
     channel: str,
     wakeup: Wakeup,
     listening: asyncio.Event,
-    connect_timeout: float,
     own_payload: str,
 ) -> None:
     """Call ``wakeup.notify()`` for every NOTIFY on ``channel``, until cancelled.
 
-    ``listening`` is set while subscribed. ``channel`` must be a plain identifier.
+    ``listening`` is set while subscribed. ``channel`` must be a plain identifier;
+    ``dsn`` should carry a ``connect_timeout`` (see ``with_connect_timeout``).
     Notifications carrying ``own_payload`` came from this process, which woke its
     waiters already when it wrote; waking them again would only cost a query.
     """
@@ -47,7 +47,6 @@ async def listen(
             conn = await psycopg.AsyncConnection.connect(
                 dsn,
                 autocommit=True,
-                connect_timeout=max(1, round(connect_timeout)),
                 keepalives=1,
                 keepalives_idle=30,
                 keepalives_interval=10,

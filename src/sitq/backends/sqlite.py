@@ -36,7 +36,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -141,19 +141,18 @@ class _ForkGate:
     def __init__(self) -> None:
         self.after_fork_in_child()
 
-    @contextlib.contextmanager
-    def call(self) -> Iterator[None]:
+    # A context manager of its own, not a generator: it is on every call's path.
+    def __enter__(self) -> None:
         with self._cond:
             while self._forks:
                 self._cond.wait()
             self._calls += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._calls -= 1
-                if not self._calls:
-                    self._cond.notify_all()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._cond:
+            self._calls -= 1
+            if self._forks and not self._calls:
+                self._cond.notify_all()  # the fork waiting for the calls under way
 
     def before_fork(self) -> None:
         with self._cond:
@@ -465,7 +464,7 @@ class SQLiteBackend(Backend):
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                with _FORK_GATE.call():
+                with _FORK_GATE:
                     return attempt(self._connection())
             except _OpenRaceError as exc:
                 if time.monotonic() > deadline:
@@ -579,7 +578,7 @@ class SQLiteBackend(Backend):
         if conn is None:
             return
         self._local.conn = None
-        with _FORK_GATE.call():
+        with _FORK_GATE:
             conn.close()
 
     # -- rows to objects -----------------------------------------------------------
