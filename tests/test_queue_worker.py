@@ -1272,22 +1272,14 @@ async def test_a_worker_whose_slots_wait_on_outcomes_does_not_look_for_work() ->
     backend.next_due = counting_next_due  # type: ignore[method-assign]
     async with TaskQueue(backend) as queue:
         await queue.enqueue(text_of, 5000)
-        worker = Worker(backend, max_concurrency=1, poll_interval=0.05)
-        idles = 0
-        idle = worker._idle
-
-        async def counted_idle(*args: Any) -> None:
-            nonlocal idles
-            idles += 1
-            await idle(*args)
-
-        worker._idle = counted_idle  # type: ignore[method-assign]
+        clock = _SleepLengths()
+        worker = Worker(backend, max_concurrency=1, poll_interval=0.05, clock=clock)
         await worker.start()
         try:
             await wait_until(lambda: len(worker._waiting) == 1)
             await queue.enqueue(add, 1, 2)  # due, but no slot for it
-            seen = idles
-            await wait_until(lambda: idles >= seen + 3)
+            seen = len(clock.lengths)
+            await wait_until(lambda: len(clock.lengths) >= seen + 3)
             assert looked_while_full == []
         finally:
             backend.room = True
@@ -1432,6 +1424,44 @@ async def test_stop_with_a_timeout_returns_though_the_storage_is_down() -> None:
     for task_id in (finishing, stuck):
         task = await queue.get_task(task_id)
         assert task is not None and task.status is TaskStatus.RUNNING
+
+
+class _ClaimsFail(MemoryBackend):
+    """Takes no claim, as a full disk or a read-only PostgreSQL (a standby after a
+    failover): reads still answer."""
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        if claim is not None:
+            raise StorageUnavailableError("database or disk is full")
+        return await super().settle(outcomes, claim)
+
+
+class _SleepLengths(SystemClock):
+    """The system clock, recording for how long the worker goes to sleep each time."""
+
+    def __init__(self) -> None:
+        self.lengths: list[float] = []
+
+    async def sleep_until(self, deadline: datetime, wakeup: asyncio.Event) -> None:
+        self.lengths.append((deadline - self.now()).total_seconds())
+        await super().sleep_until(deadline, wakeup)
+
+
+async def test_a_worker_whose_claims_fail_claims_again_after_the_poll_interval() -> None:
+    # After a failed claim the worker read the next due time, the very task it had
+    # failed to claim, and slept 1 ms: it claimed again, and logged the failure, about
+    # 650 times a second (222 against a read-only PostgreSQL in the review's script).
+    backend = _ClaimsFail()
+    queue = TaskQueue(backend)
+    await queue.enqueue(add, 1, 2)
+    clock = _SleepLengths()
+    worker = Worker(backend, poll_interval=30, clock=clock)
+    await worker.start()
+    try:
+        await wait_until(lambda: clock.lengths)
+        assert clock.lengths[0] > 29
+    finally:
+        await asyncio.wait_for(worker.stop(), 10)
 
 
 def test_worker_takes_a_backend_and_durations_as_timedelta() -> None:

@@ -411,8 +411,12 @@ class Worker:
                     self._last_claim = claim
                 settled_any = bool(self._outcomes) or retry
                 claimed = await self._settle(claim, retry_waiting=retry)
-                if claimed is None:  # storage failed; _settle logged it
-                    await self._idle(wake, self.clock.now())
+                if claimed is None:
+                    # The storage failed; _settle logged it. Not _idle: the next due
+                    # time, readable while claims fail (a full disk, a read-only
+                    # server), is the task just missed, and woke it every millisecond.
+                    poll = timedelta(seconds=self.poll_interval)
+                    await self.clock.sleep_until(self.clock.now() + poll, wake)
                     continue
                 if claimed and (self._waiting or self._outcomes):
                     claimed = self._without_held_outcomes(claimed)
