@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -1424,6 +1424,52 @@ async def test_stop_with_a_timeout_returns_though_the_storage_is_down() -> None:
     for task_id in (finishing, stuck):
         task = await queue.get_task(task_id)
         assert task is not None and task.status is TaskStatus.RUNNING
+
+
+class _SlowOutage(MemoryBackend):
+    """The first ``failures`` settles that record outcomes fail, each after 20 s on the
+    fake clock (a pool's wait for a connection); ``on_first`` runs as the first begins."""
+
+    def __init__(self, clock: FakeClock, failures: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.failures = failures
+        self.on_first: Callable[[], Awaitable[None]] | None = None
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        if outcomes and self.failures > 0:
+            if self.on_first is not None:
+                on_first, self.on_first = self.on_first, None
+                await on_first()
+            self.failures -= 1
+            self.clock.advance(20)
+            raise StorageUnavailableError("couldn't get a connection after 20.00 sec")
+        return await super().settle(outcomes, claim)
+
+
+async def test_a_task_claimed_after_a_slow_failed_settle_gets_a_whole_lease() -> None:
+    # The claim for the free slots that follows a failed settle went out with the
+    # time of the turn's claim, from before the failed round trips (here 40 s, past
+    # the 30 s lease): the task it started was claimable by another worker at once.
+    clock = FakeClock()
+    backend = _SlowOutage(clock, failures=2)  # the batch, and the outcome alone
+    queue = TaskQueue(backend, clock=clock)
+    await queue.enqueue(add, 1, 2)
+    late: list[str] = []
+
+    async def enqueue_late() -> None:
+        late.append(await queue.enqueue(wait_for_gate, "claimed after the failures"))
+
+    backend.on_first = enqueue_late
+    worker = Worker(backend, max_concurrency=2, poll_interval=5, visibility_timeout=30, clock=clock)
+    await worker.start()
+    try:
+        await wait_until(lambda: "claimed after the failures" in STATE.started)
+        lease_end = worker._running[late[0]].reserved.lease_expires_at
+        assert lease_end == clock.now() + timedelta(seconds=30)
+    finally:
+        STATE.gate.set()
+        await worker.stop(timeout=10)
 
 
 class _ClaimsFail(MemoryBackend):

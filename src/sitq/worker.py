@@ -505,8 +505,13 @@ class Worker:
             # go with this claim.
             free = self.max_concurrency - self._slots_taken() - len(self._outcomes)
             if claim is not None and outcomes and not storage_down and free > 0:
+                # At this time, not the turn's: the failed round trips may have taken
+                # as long as a lease (a pool's wait for a connection), and leases
+                # counted from before them ran out as they were granted, for another
+                # worker to claim the tasks this one was starting.
+                claim = self._last_claim = replace(claim, limit=free, now=self.clock.now())
                 try:
-                    return (await self.backend.settle([], replace(claim, limit=free))).claimed
+                    return (await self.backend.settle([], claim)).claimed
                 except Exception:
                     logger.exception("could not claim tasks; will try again")
             if claim is None and outcomes and not self._giving_up:
