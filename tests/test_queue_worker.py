@@ -1428,19 +1428,19 @@ async def test_stop_with_a_timeout_returns_though_the_storage_is_down() -> None:
 
 class _SlowOutage(MemoryBackend):
     """The first ``failures`` settles that record outcomes fail, each after 20 s on the
-    fake clock (a pool's wait for a connection); ``on_first`` runs as the first begins."""
+    fake clock (a pool's wait for a connection); ``before_failures`` run as they begin,
+    one each."""
 
     def __init__(self, clock: FakeClock, failures: int) -> None:
         super().__init__()
         self.clock = clock
         self.failures = failures
-        self.on_first: Callable[[], Awaitable[None]] | None = None
+        self.before_failures: list[Callable[[], Awaitable[None]]] = []
 
     async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
         if outcomes and self.failures > 0:
-            if self.on_first is not None:
-                on_first, self.on_first = self.on_first, None
-                await on_first()
+            if self.before_failures:
+                await self.before_failures.pop(0)()
             self.failures -= 1
             self.clock.advance(20)
             raise StorageUnavailableError("couldn't get a connection after 20.00 sec")
@@ -1460,7 +1460,7 @@ async def test_a_task_claimed_after_a_slow_failed_settle_gets_a_whole_lease() ->
     async def enqueue_late() -> None:
         late.append(await queue.enqueue(wait_for_gate, "claimed after the failures"))
 
-    backend.on_first = enqueue_late
+    backend.before_failures = [enqueue_late]
     worker = Worker(backend, max_concurrency=2, poll_interval=5, visibility_timeout=30, clock=clock)
     await worker.start()
     try:
@@ -1470,6 +1470,37 @@ async def test_a_task_claimed_after_a_slow_failed_settle_gets_a_whole_lease() ->
     finally:
         STATE.gate.set()
         await worker.stop(timeout=10)
+
+
+async def test_a_stop_during_a_failed_settle_claims_nothing_more() -> None:
+    # The claim for the free slots that follows a failed settle went out though stop()
+    # had come while the outcomes were tried one by one: its task started after the
+    # stop, which waited for it.
+    clock = FakeClock()
+    backend = _SlowOutage(clock, failures=2)  # the batch, and the outcome alone
+    queue = TaskQueue(backend, clock=clock)
+    await queue.enqueue(add, 1, 2)
+    # A lease longer than the outage: the claim would take back the waiting task first.
+    worker = Worker(
+        backend, max_concurrency=2, poll_interval=5, visibility_timeout=120, clock=clock
+    )
+    late: list[str] = []
+    stopping: list[asyncio.Task[None]] = []
+
+    async def enqueue_late() -> None:
+        late.append(await queue.enqueue(mark_start, "due at the stop"))
+
+    async def stop_now() -> None:
+        stopping.append(asyncio.create_task(worker.stop()))
+        await asyncio.sleep(0)  # stop() has begun
+
+    backend.before_failures = [enqueue_late, stop_now]
+    await worker.start()
+    await wait_until(lambda: stopping)
+    await asyncio.wait_for(stopping[0], 10)
+    task = await queue.get_task(late[0])
+    assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
+    assert "due at the stop" not in STATE.started
 
 
 class _ClaimsFail(MemoryBackend):

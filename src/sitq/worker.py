@@ -504,7 +504,9 @@ class Worker:
             # Tasks that finished meanwhile hold leases too: their new outcomes do not
             # go with this claim.
             free = self.max_concurrency - self._slots_taken() - len(self._outcomes)
-            if claim is not None and outcomes and not storage_down and free > 0:
+            # Not once stop() has come: that would be a new claim after it.
+            stopping = self._stopping
+            if claim is not None and outcomes and not storage_down and free > 0 and not stopping:
                 # At this time, not the turn's: the failed round trips may have taken
                 # as long as a lease (a pool's wait for a connection), and leases
                 # counted from before them ran out as they were granted, for another
