@@ -529,6 +529,33 @@ async def test_cancelling_serve_cancels_the_async_tasks_it_ran(backend: Backend)
     assert worker._main is None
 
 
+async def test_a_sync_task_abandoned_as_it_returns_a_coroutine_does_not_start_it() -> None:
+    # The thread had handed back the coroutine the task returned when the worker
+    # abandoned the task (serve() cancelled, on Python 3.12 stop(timeout) giving up),
+    # before that result reached _thread_done: it saw a result, not a cancellation,
+    # and ran the coroutine on the loop, unwatched, after serve() had ended.
+    backend = MemoryBackend()
+    queue = TaskQueue(backend)
+    worker = Worker(backend, poll_interval=0.05)
+    await worker.start()
+    runner = worker._threads
+    assert runner is not None
+    hand_back = runner._hand_back
+    abandoned: list[Any] = []
+
+    def hand_back_then_abandon() -> None:
+        hand_back()  # the thread's future is done: _thread_done is queued
+        abandoned.extend(worker._abandon_running())  # and the worker lets go first
+
+    runner._hand_back = hand_back_then_abandon  # type: ignore[method-assign]
+    await queue.enqueue(returns_a_coroutine, 1)
+    await wait_until(lambda: abandoned)
+    await asyncio.wait_for(worker.stop(), 10)
+    (running,) = abandoned
+    assert not running.is_async, "the coroutine was started after the abandon"
+    running.future.result().close()  # never to run
+
+
 def test_run_inside_a_running_loop_is_refused_cleanly() -> None:
     async def call_run() -> None:
         Worker(MemoryBackend()).run()

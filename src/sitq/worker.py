@@ -738,7 +738,11 @@ class Worker:
 
     def _thread_done(self, running: _Running, call: TaskCall, future: asyncio.Future[Any]) -> None:
         """Record the outcome of a sync task run by ``_launch``."""
-        if future.cancelled():  # handed back at shutdown; its lease is already released
+        if future.cancelled() or running.handed_back:
+            # Handed back at shutdown, or abandoned: its lease is released or left to
+            # run out. Abandoned after the thread handed its result back (the future
+            # done, so not cancelled) but before this callback ran, a coroutine the
+            # task returned was started here, unwatched, after the worker let go.
             self._release(running)
             return
         error = future.exception()
