@@ -1367,9 +1367,11 @@ class _GoesDown(MemoryBackend):
     """A store that fails every write from when the test says: an outage."""
 
     down = False
+    failed_settles = 0
 
     async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
         if self.down:
+            self.failed_settles += 1
             raise StorageUnavailableError("the storage is down")
         return await super().settle(outcomes, claim)
 
@@ -1528,6 +1530,28 @@ async def test_a_stop_during_a_failed_settle_claims_nothing_more() -> None:
     task = await queue.get_task(late[0])
     assert task is not None and (task.status, task.attempts) == (TaskStatus.PENDING, 0)
     assert "due at the stop" not in STATE.started
+
+
+async def test_a_stop_that_gives_up_tries_the_waiting_outcome_once_more() -> None:
+    # An outcome that failed in an outage was retried every poll_interval; the give-up
+    # woke the stop's wait after a failed try and dropped the outcome at once, though
+    # the storage was back: the task, done, was left to run again at its lease's end.
+    backend = _GoesDown()
+    queue = TaskQueue(backend)
+    task_id = await queue.enqueue(wait_for_gate, "finishes in the outage")
+    worker = Worker(backend, poll_interval=30)
+    await worker.start()
+    await wait_until(lambda: "finishes in the outage" in STATE.started)
+    backend.down = True
+    STATE.gate.set()
+    await wait_until(lambda: worker._waiting)
+    failed = backend.failed_settles
+    stopping = asyncio.create_task(worker.stop(timeout=0.5))
+    await wait_until(lambda: backend.failed_settles > failed)  # the stop's try
+    backend.down = False  # back before the stop's timeout, not tried until it
+    await asyncio.wait_for(stopping, 10)
+    task = await queue.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.SUCCESS
 
 
 class _ClaimsFail(MemoryBackend):

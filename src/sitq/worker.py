@@ -444,7 +444,11 @@ class Worker:
                 await self._idle(wake, now)
             while self._running or self._outcomes or self._waiting or self._handing_back:
                 if self._outcomes or self._waiting:
-                    if await self._settle(None) is None and self._giving_up:
+                    # Dropped only when a try made after stop(timeout) gave up failed:
+                    # the give-up wakes a wait after a failed try, and the storage may
+                    # be back by then.
+                    giving_up = self._giving_up
+                    if await self._settle(None) is None and giving_up:
                         logger.error(
                             "could not record %d outcomes by the stop timeout: their tasks "
                             "run again when their leases run out",
