@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import os
 import signal
 import sqlite3
@@ -461,6 +462,31 @@ async def test_a_stop_that_gives_up_while_start_opens_leaves_nothing_behind() ->
     await asyncio.wait_for(starting, 10)  # returns: the worker was stopped meanwhile
     assert worker._main is None and worker._threads is None
     assert backend.wakeup._waiters == {}
+
+
+class _CountsCloses(MemoryBackend):
+    closes = 0
+
+    async def close(self) -> None:
+        self.closes += 1
+
+
+async def test_a_stop_that_gives_up_as_start_returns_leaves_nothing_behind() -> None:
+    # stop(timeout)'s timeout passed in the loop turn in which start() had opened the
+    # backend and returned, before the worker's task ran: the give-up cancelled that
+    # task, which ended without closing the backend or unsubscribing its wake-up.
+    backend = _CountsCloses()
+    worker = Worker(backend)
+    await worker.start()
+    main = worker._main
+    assert main is not None
+    assert inspect.getcoroutinestate(main.get_coro()) == inspect.CORO_CREATED  # not run yet
+    worker._stopping = True  # as a stop(timeout) made while start() opened did,
+    await worker._give_up(main)  # and at its timeout, passing as start() returned
+    await asyncio.wait_for(asyncio.wait({main}), 10)
+    assert backend.closes == 1
+    assert backend.wakeup._waiters == {}
+    assert worker._threads is None and worker._main is None
 
 
 async def test_two_starts_at_once_make_one_worker() -> None:

@@ -160,7 +160,7 @@ class Worker:
         self._waiting: list[tuple[Outcome, _Running]] = []
         self._retry_waiting_at = 0.0  # monotonic
         self._handing_back = 0  # stop(timeout) hand-backs under way
-        self._serving = False  # past opening the backend, in _session
+        self._serving = False  # past opening the backend
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -185,6 +185,10 @@ class Worker:
             self._unprepare()
             await self._close_backend()
             return
+        # Open: a stop(timeout) giving up from now on lets the worker's task end as a
+        # stop does, closing the backend. Cancelled instead, it could end before it
+        # ran (or while it waited for this word), and nothing closed the backend.
+        self._serving = True
         opened.set_result(None)
 
     def _begin(self, burst: bool, opened: asyncio.Future[None] | None = None) -> asyncio.Task[int]:
