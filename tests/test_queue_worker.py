@@ -1580,6 +1580,31 @@ async def test_a_stop_that_gives_up_tries_the_waiting_outcome_once_more() -> Non
     assert task is not None and task.status is TaskStatus.SUCCESS
 
 
+async def test_outcomes_holding_every_slot_are_retried_every_poll_interval() -> None:
+    # A failed retry with no slot free (a settle without a claim) waited the poll
+    # interval inside the settle, as the drain at a stop does, and the loop then
+    # slept another: the outcomes were retried every two poll intervals.
+    backend = _GoesDown()
+    queue = TaskQueue(backend)
+    await queue.enqueue(wait_for_gate, "finishes in the outage")
+    poll = 0.5
+    worker = Worker(backend, max_concurrency=1, poll_interval=poll)
+    await worker.start()
+    try:
+        await wait_until(lambda: "finishes in the outage" in STATE.started)
+        backend.down = True
+        STATE.gate.set()
+        await wait_until(lambda: worker._waiting)
+        # Each retry fails twice: all outcomes together, then the one alone.
+        first = backend.failed_settles
+        started = time.monotonic()
+        await wait_until(lambda: backend.failed_settles >= first + 2 * 3)
+        assert time.monotonic() - started < 4.8 * poll  # three retries: 3, not 6, polls
+    finally:
+        backend.down = False
+        await asyncio.wait_for(worker.stop(), 10)
+
+
 class _ClaimsFail(MemoryBackend):
     """Takes no claim, as a full disk or a read-only PostgreSQL (a standby after a
     failover): reads still answer."""

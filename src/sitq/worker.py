@@ -452,7 +452,9 @@ class Worker:
                     # the give-up wakes a wait after a failed try, and the storage may
                     # be back by then.
                     giving_up = self._giving_up
-                    if await self._settle(None) is None and giving_up:
+                    if await self._settle(None) is not None:
+                        continue
+                    if giving_up:
                         logger.error(
                             "could not record %d outcomes by the stop timeout: their tasks "
                             "run again when their leases run out",
@@ -460,6 +462,14 @@ class Worker:
                         )
                         self._outcomes.clear()
                         self._waiting.clear()
+                    elif self._waiting and not self._outcomes and not self._giving_up:
+                        # Retried after the poll interval, or sooner when woken: a task
+                        # finishing, stop()'s timeout passing (to give up). Here, not
+                        # in _settle: the serve loop's own retries, their slots all
+                        # held, waited there too, and came every two poll intervals.
+                        wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), self.poll_interval)
                     continue
                 wake.clear()
                 await wake.wait()
@@ -524,14 +534,6 @@ class Worker:
                     return (await self.backend.settle([], claim)).claimed
                 except Exception:
                     logger.exception("could not claim tasks; will try again")
-            if claim is None and outcomes and not self._giving_up:
-                # Draining at a stop: retry after the poll interval, or sooner when
-                # stop()'s timeout passes (it wakes us to give up).
-                wake = self._wake
-                assert wake is not None
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.poll_interval)
             return None
         for (outcome, running), accepted in zip(outcomes, settled.accepted, strict=True):
             self._log_outcome(running, outcome, accepted)
