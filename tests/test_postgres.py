@@ -990,3 +990,52 @@ async def test_worker_loses_no_task_when_connections_are_killed(
         task = await pg.get(task_id)
         assert task is not None and task.status is TaskStatus.SUCCESS, task
     assert kills == 3
+
+
+# -- settings of the role or database ----------------------------------------------------
+
+
+def with_session_defaults(**settings: str) -> str:
+    """POSTGRES_DSN with these settings as its sessions' defaults, as ALTER ROLE or
+    ALTER DATABASE ... SET would make them."""
+    escaped = {
+        name: value.replace("\\", "\\\\").replace(" ", "\\ ") for name, value in settings.items()
+    }
+    return make_conninfo(
+        POSTGRES_DSN, options=" ".join(f"-c {name}={value}" for name, value in escaped.items())
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # psycopg reads timestamptz only in the ISO DateStyle: each claim raised
+        # NotImplementedError once its UPDATE had committed, so the jobs it leased
+        # were never run and their attempts spent.
+        {"DateStyle": "SQL, DMY"},
+    ],
+)
+async def test_session_defaults_of_the_role_or_database_change_nothing(
+    pg_schema: str, settings: dict[str, str]
+) -> None:
+    backend = PostgresBackend(with_session_defaults(**settings), schema=pg_schema)
+    await backend.open()
+    try:
+        queue = "files-é-キュー"
+        await backend.enqueue([dataclasses.replace(job("a"), queue=queue)])
+        assert await backend.next_due("task", (queue,)) == NOW
+        (claimed,) = await backend.claim(dataclasses.replace(claim("w"), queues=(queue,)))
+        assert (claimed.id, claimed.queue, claimed.available_at) == ("a", queue, NOW)
+        error = "ValueError: naïve 🙂"
+        finish = Finish("a", "w", TaskStatus.FAILED, NOW, error=error, traceback=error)
+        assert (await backend.settle([finish], None)).accepted == [True]
+        task = await backend.get("a")
+        assert task is not None
+        assert (task.status, task.queue, task.error, task.finished_at) == (
+            TaskStatus.FAILED,
+            queue,
+            error,
+            NOW,
+        )
+    finally:
+        await backend.close()

@@ -69,6 +69,7 @@ from sitq.backends.base import (
 from sitq.backends.postgres_listen import listen
 from sitq.backends.postgres_sql import (
     SCHEMA_NAME,
+    SESSION_SETUP,
     Statements,
     claim_order,
     micros,
@@ -292,8 +293,9 @@ class PostgresBackend(Backend):
     async def _open(self, loop: asyncio.AbstractEventLoop, users: int) -> None:
         connections: weakref.WeakSet[Conn] = weakref.WeakSet()
 
-        async def track(conn: Conn) -> None:
+        async def configure(conn: Conn) -> None:
             connections.add(conn)
+            await conn.execute(SESSION_SETUP)
 
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.dsn,
@@ -303,7 +305,7 @@ class PostgresBackend(Backend):
             open=False,
             name=f"sitq-{self.schema}",
             reconnect_timeout=RECONNECT_TIMEOUT,
-            configure=track,
+            configure=configure,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)

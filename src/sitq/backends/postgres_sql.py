@@ -78,6 +78,11 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE {schema}.sitq_jobs ADD COLUMN scheduled_at timestamptz",
 )
 
+# Run on each pooled connection as it is made: what sitq's statements and their
+# decoding rely on, whatever the role or the database sets as its default (ALTER ROLE
+# or ALTER DATABASE ... SET). psycopg reads timestamptz text only in the ISO DateStyle.
+SESSION_SETUP = "SET DateStyle = 'ISO'"
+
 MIGRATION_TABLE = """
 CREATE TABLE IF NOT EXISTS {schema}.sitq_migrations (
     version    integer PRIMARY KEY,
