@@ -1013,6 +1013,11 @@ def with_session_defaults(**settings: str) -> str:
         # NotImplementedError once its UPDATE had committed, so the jobs it leased
         # were never run and their attempts spent.
         {"DateStyle": "SQL, DMY"},
+        # psycopg returns SQL_ASCII text as bytes: claims took every job and handed
+        # out none (their status, b"running", was not "running"), silently.
+        {"client_encoding": "SQL_ASCII"},
+        # A queue name, an error outside LATIN1 raised UnicodeEncodeError.
+        {"client_encoding": "LATIN1"},
     ],
 )
 async def test_session_defaults_of_the_role_or_database_change_nothing(

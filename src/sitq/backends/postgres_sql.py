@@ -80,8 +80,10 @@ MIGRATIONS: tuple[str, ...] = (
 
 # Run on each pooled connection as it is made: what sitq's statements and their
 # decoding rely on, whatever the role or the database sets as its default (ALTER ROLE
-# or ALTER DATABASE ... SET). psycopg reads timestamptz text only in the ISO DateStyle.
-SESSION_SETUP = "SET DateStyle = 'ISO'"
+# or ALTER DATABASE ... SET). psycopg reads timestamptz text only in the ISO DateStyle,
+# and text in the client encoding: in SQL_ASCII it returns bytes (b"running" is not
+# "running"), in LATIN1 it cannot send most of Unicode.
+SESSION_SETUP = "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO'"
 
 MIGRATION_TABLE = """
 CREATE TABLE IF NOT EXISTS {schema}.sitq_migrations (
