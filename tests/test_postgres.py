@@ -55,7 +55,11 @@ psycopg = pytest.importorskip("psycopg")
 
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
-from sitq.backends.postgres import PostgresBackend, _finishes_document  # noqa: E402
+from sitq.backends.postgres import (  # noqa: E402
+    _MIGRATION_LOCK_NAMESPACE,
+    PostgresBackend,
+    _finishes_document,
+)
 from sitq.backends.postgres_sql import MIGRATIONS, Statements  # noqa: E402
 from sitq.backends.url import backend_from_url  # noqa: E402
 
@@ -1044,3 +1048,44 @@ async def test_session_defaults_of_the_role_or_database_change_nothing(
         )
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+async def test_migrators_at_once_under_a_stricter_default_isolation_migrate_once(
+    pg_schema: str, isolation: str
+) -> None:
+    # A migrator reads the schema's version, waits for the migration lock, and reads
+    # it again in case another migrated meanwhile. Under a REPEATABLE READ or
+    # SERIALIZABLE default the second read came from the first's snapshot: every
+    # migrator but the first applied the migrations again and failed ("relation
+    # sitq_jobs already exists"), so workers starting together on a new schema died.
+    name = f"sitq-test-{pg_schema}"
+    dsn = make_conninfo(
+        with_session_defaults(default_transaction_isolation=isolation), application_name=name
+    )
+    key = _MIGRATION_LOCK_NAMESPACE + pg_schema
+    opener, *migrators = [PostgresBackend(dsn, schema=pg_schema) for _ in range(3)]
+
+    async def all_waiting(conn: psycopg.AsyncConnection[Any]) -> bool:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'",
+            (name,),
+        )
+        return await cursor.fetchone() == (3,)
+
+    async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as holder:
+        await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+        # An open() migrates on a pooled connection, a migrate() on its own.
+        starting = asyncio.gather(opener.open(), *(backend.migrate() for backend in migrators))
+        try:
+            await wait_until(lambda: all_waiting(holder))  # each having read the version
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+        _, *applied = await starting
+    try:
+        assert sum(applied) in (0, len(MIGRATIONS))
+        await opener.enqueue([job("a")])
+        assert (await opener.get("a")) is not None
+    finally:
+        await opener.close()

@@ -461,6 +461,7 @@ class PostgresBackend(Backend):
         except psycopg.Error as exc:
             raise BackendError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
+            await conn.execute(SESSION_SETUP)
             async with conn.transaction():
                 return await self._apply_migrations(conn)
         except psycopg.Error as exc:

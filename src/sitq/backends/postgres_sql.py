@@ -78,12 +78,19 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE {schema}.sitq_jobs ADD COLUMN scheduled_at timestamptz",
 )
 
-# Run on each pooled connection as it is made: what sitq's statements and their
-# decoding rely on, whatever the role or the database sets as its default (ALTER ROLE
-# or ALTER DATABASE ... SET). psycopg reads timestamptz text only in the ISO DateStyle,
-# and text in the client encoding: in SQL_ASCII it returns bytes (b"running" is not
-# "running"), in LATIN1 it cannot send most of Unicode.
-SESSION_SETUP = "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO'"
+# Run on each connection as it is made (pooled, or a migrator's own): what sitq's
+# statements and their decoding rely on, whatever the role or the database sets as its
+# default (ALTER ROLE or ALTER DATABASE ... SET). psycopg reads timestamptz text only
+# in the ISO DateStyle, and text in the client encoding: in SQL_ASCII it returns bytes
+# (b"running" is not "running"), in LATIN1 it cannot send most of Unicode. The
+# statements are written for READ COMMITTED, each seeing what committed before it
+# started: a migrator's second look at the schema version after the lock wait, a
+# purge's re-check of rows changed meanwhile. Under SERIALIZABLE, a settle's pipeline
+# could also fail at its commit, which psycopg reports as a broken pipeline.
+SESSION_SETUP = (
+    "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO';"
+    " SET default_transaction_isolation = 'read committed'"
+)
 
 MIGRATION_TABLE = """
 CREATE TABLE IF NOT EXISTS {schema}.sitq_migrations (
