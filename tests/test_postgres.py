@@ -1089,3 +1089,37 @@ async def test_migrators_at_once_under_a_stricter_default_isolation_migrate_once
         assert (await opener.get("a")) is not None
     finally:
         await opener.close()
+
+
+async def test_idle_connections_outlive_an_idle_session_timeout(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pool's connections are idle between calls and a LISTEN connection always is:
+    # under an idle_session_timeout (PostgreSQL 14+) the server ended them, so every
+    # process logged a lost LISTEN connection and reconnected at that pace, and calls
+    # found their pooled connection dead (each found so costs a failed try, a check of
+    # the pool and a new connection).
+    name = f"sitq-test-{pg_schema}"
+    dsn = make_conninfo(with_session_defaults(idle_session_timeout="50ms"), application_name=name)
+    backend = PostgresBackend(dsn, schema=pg_schema)
+    await backend.open()
+
+    def sessions() -> set[int]:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchall()
+        return {pid for (pid,) in rows}
+
+    try:
+        await backend.wait_listening()
+        before = sessions()
+        assert len(before) == 2  # the pool's one connection, the listener
+        with caplog.at_level("WARNING"):
+            await asyncio.sleep(0.3)  # idle: the condition under test, six timeouts long
+            assert sessions() == before
+            assert (await backend.get("x")) is None
+        assert sessions() == before
+        assert caplog.records == []
+    finally:
+        await backend.close()

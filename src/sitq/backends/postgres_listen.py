@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from sitq.backends.postgres_sql import SESSION_SETUP
 from sitq.wakeup import Wakeup
 
 logger = logging.getLogger("sitq.postgres")
@@ -52,6 +53,7 @@ async def listen(
                 keepalives_interval=10,
                 keepalives_count=3,
             )
+            await conn.execute(SESSION_SETUP)
             await conn.execute(f'LISTEN "{channel}"')
             listening.set()
             pause = BACKOFF[0]

@@ -78,7 +78,7 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE {schema}.sitq_jobs ADD COLUMN scheduled_at timestamptz",
 )
 
-# Run on each connection as it is made (pooled, or a migrator's own): what sitq's
+# Run on each connection as it is made (pooled, LISTEN, a migrator's own): what sitq's
 # statements and their decoding rely on, whatever the role or the database sets as its
 # default (ALTER ROLE or ALTER DATABASE ... SET). psycopg reads timestamptz text only
 # in the ISO DateStyle, and text in the client encoding: in SQL_ASCII it returns bytes
@@ -86,10 +86,14 @@ MIGRATIONS: tuple[str, ...] = (
 # statements are written for READ COMMITTED, each seeing what committed before it
 # started: a migrator's second look at the schema version after the lock wait, a
 # purge's re-check of rows changed meanwhile. Under SERIALIZABLE, a settle's pipeline
-# could also fail at its commit, which psycopg reports as a broken pipeline.
+# could also fail at its commit, which psycopg reports as a broken pipeline. And the
+# connections are idle by design between calls (a pool's) or always (a LISTEN's), so
+# idle_session_timeout (PostgreSQL 14+, hence the lookup) would only make them churn.
 SESSION_SETUP = (
     "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO';"
-    " SET default_transaction_isolation = 'read committed'"
+    " SET default_transaction_isolation = 'read committed';"
+    " SELECT set_config(name, '0', false) FROM pg_settings"
+    " WHERE name = 'idle_session_timeout'"
 )
 
 MIGRATION_TABLE = """
