@@ -34,6 +34,7 @@ from sitq import (
     Consumer,
     MemoryBackend,
     Producer,
+    StorageUnavailableError,
     SyncTaskQueue,
     TaskQueue,
     TaskStatus,
@@ -1121,5 +1122,37 @@ async def test_idle_connections_outlive_an_idle_session_timeout(
             assert (await backend.get("x")) is None
         assert sessions() == before
         assert caplog.records == []
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("setting", ["lock_timeout", "statement_timeout"])
+async def test_a_statement_a_timeout_cancels_is_reported_as_such(
+    pg_schema: str, setting: str
+) -> None:
+    # Cancelled statements were taken for lost connections: the pool was checked,
+    # and the error read "PostgreSQL connection failed: canceling statement due to
+    # lock timeout", which sends an operator looking at the network.
+    backend = PostgresBackend(with_session_defaults(**{setting: "50ms"}), schema=pg_schema)
+    await backend.open()
+    try:
+        await backend.enqueue([job("a")])
+        pool = backend._loops[asyncio.get_running_loop()].pool
+        checks = 0
+
+        async def counted_check() -> None:
+            nonlocal checks
+            checks += 1
+
+        pool.check = counted_check  # type: ignore[method-assign]
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN) as holder:
+            await holder.execute(
+                f'SELECT FROM "{pg_schema}".sitq_jobs WHERE id = %s FOR UPDATE', ("a",)
+            )
+            with pytest.raises(StorageUnavailableError, match=f"cancelled.*{setting}") as raised:
+                await backend.cancel("a", NOW)
+        assert "connection failed" not in str(raised.value)
+        assert checks == 0
+        assert await backend.cancel("a", NOW)  # the lock released: the same call succeeds
     finally:
         await backend.close()

@@ -539,7 +539,7 @@ class PostgresBackend(Backend):
         :class:`BackendError`.
         """
         pool = (await self._state()).pool
-        reconnected = False
+        reconnected = cancelled = False
         conflicts = 0
         while True:
             try:
@@ -558,6 +558,13 @@ class PostgresBackend(Backend):
                 if conflicts > CONFLICT_RETRIES:
                     raise BackendError(f"PostgreSQL error: {exc}") from exc
                 await asyncio.sleep(random.uniform(0.001, 0.01) * conflicts)
+            except (pg_errors.QueryCanceled, pg_errors.LockNotAvailable) as exc:
+                # The server gave up on the statement (a timeout the role or database
+                # sets) and rolled it back: no sign of dead connections to check for.
+                # Once more, as after a lost one: the wait may have been a moment's.
+                if cancelled:
+                    raise StorageUnavailableError(_cancelled(exc)) from exc
+                cancelled = True
             except psycopg.OperationalError as exc:
                 if reconnected:
                     raise StorageUnavailableError(f"PostgreSQL connection failed: {exc}") from exc
@@ -999,6 +1006,16 @@ class PostgresBackend(Backend):
             return cursor.rowcount
 
         return await self._read(work)
+
+
+def _cancelled(exc: psycopg.Error) -> str:
+    """What a cancelled statement's error says: the setting that most likely cut it
+    short, which a message from the server (in its language) may not name."""
+    setting = "lock_timeout" if isinstance(exc, pg_errors.LockNotAvailable) else "statement_timeout"
+    return (
+        f"PostgreSQL cancelled the statement twice (is the {setting} set for this role"
+        f" or database too short for sitq?): {exc}"
+    )
 
 
 def _finishes_document(finishes: Sequence[Finish]) -> str:
