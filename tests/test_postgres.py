@@ -1156,3 +1156,37 @@ async def test_a_statement_a_timeout_cancels_is_reported_as_such(
         assert await backend.cancel("a", NOW)  # the lock released: the same call succeeds
     finally:
         await backend.close()
+
+
+async def test_a_read_only_database_makes_writes_wait_until_it_is_writable(
+    pg_schema: str,
+) -> None:
+    # default_transaction_read_only (set by an operator, or by a managed service whose
+    # disk is nearly full) or a standby: writes raised a plain BackendError, which a
+    # worker takes for its outcome being refused (it records the task failed if the
+    # next write gets through). And once the setting was lifted, the pool's sessions
+    # kept the read-only default they began with, up to its max_lifetime (an hour).
+    assert await PostgresBackend(POSTGRES_DSN, schema=pg_schema).migrate() == len(MIGRATIONS)
+    role = f"sitq_read_only_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{pg_schema}" TO "{role}"')
+        admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA "{pg_schema}" TO "{role}"')
+        admin.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{pg_schema}" TO "{role}"')
+        admin.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+    backend = PostgresBackend(
+        make_conninfo(POSTGRES_DSN, user=role), schema=pg_schema, min_size=1, max_size=1
+    )
+    try:
+        await backend.open()
+        with pytest.raises(StorageUnavailableError, match=r"refuses writes.*read_only"):
+            await backend.enqueue([job("a")])
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
+        await backend.enqueue([job("a")])
+        assert [reserved.id for reserved in await backend.claim(claim("w"))] == ["a"]
+    finally:
+        await backend.close()
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')

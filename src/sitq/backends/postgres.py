@@ -533,21 +533,29 @@ class PostgresBackend(Backend):
     async def _run(self, work: Callable[[Conn], Awaitable[T]], transaction: bool) -> T:
         """Run ``work`` on a pooled connection, in a transaction if asked.
 
-        A connection that died (server restart, ``pg_terminate_backend``) is replaced
-        and the work retried once; deadlocks and serialization failures, which roll
-        the whole transaction back, are retried a few times. Anything else becomes a
+        A connection that died (server restart, ``pg_terminate_backend``) or whose
+        session is read-only is replaced and the work retried once, as is a statement
+        a timeout cancelled; deadlocks and serialization failures, which roll the
+        whole transaction back, are retried a few times. What still fails becomes a
+        :class:`StorageUnavailableError` if a later call may succeed, otherwise a
         :class:`BackendError`.
         """
         pool = (await self._state()).pool
-        reconnected = cancelled = False
+        reconnected = cancelled = read_only = False
         conflicts = 0
         while True:
             try:
                 async with pool.connection() as conn:
-                    if not transaction:
-                        return await work(conn)
-                    async with conn.transaction():
-                        return await work(conn)
+                    try:
+                        if not transaction:
+                            return await work(conn)
+                        async with conn.transaction():
+                            return await work(conn)
+                    except pg_errors.ReadOnlySqlTransaction:
+                        # A session keeps the read-only default it began with: once
+                        # the role's or database's is lifted, only new ones can write.
+                        await conn.close()  # so the pool replaces it
+                        raise
             except PoolTimeout as exc:
                 # No connection came within the pool's wait (the server is down or
                 # full). It is an OperationalError too, but retrying would double the
@@ -558,6 +566,16 @@ class PostgresBackend(Backend):
                 if conflicts > CONFLICT_RETRIES:
                     raise BackendError(f"PostgreSQL error: {exc}") from exc
                 await asyncio.sleep(random.uniform(0.001, 0.01) * conflicts)
+            except pg_errors.ReadOnlySqlTransaction as exc:
+                # A standby, or default_transaction_read_only (which managed services
+                # turn on when the disk is nearly full): writes may come back, so the
+                # outcomes a worker holds must wait rather than be recorded refused.
+                if read_only:
+                    raise StorageUnavailableError(
+                        "PostgreSQL refuses writes (a standby, or default_transaction_read_only"
+                        f" set for this role or database): {exc}"
+                    ) from exc
+                read_only = True
             except (pg_errors.QueryCanceled, pg_errors.LockNotAvailable) as exc:
                 # The server gave up on the statement (a timeout the role or database
                 # sets) and rolled it back: no sign of dead connections to check for.
