@@ -167,6 +167,34 @@ async def test_an_account_allowed_only_rows_opens_a_migrated_schema(pg_schema: s
             admin.execute(f'DROP ROLE "{role}"')
 
 
+async def test_an_account_allowed_only_rows_is_told_the_schema_needs_migrating(
+    pg_schema: str,
+) -> None:
+    # After an upgrade of sitq brings a migration, such an account's open() failed
+    # with the server's "permission denied for database test", which does not say
+    # why a worker was creating anything.
+    await PostgresBackend(POSTGRES_DSN, schema=pg_schema).migrate()
+    role = f"sitq_rows_only_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(
+            f'DELETE FROM "{pg_schema}".sitq_migrations WHERE version = %s', (len(MIGRATIONS),)
+        )
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{pg_schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{pg_schema}" TO "{role}"')
+    try:
+        backend = PostgresBackend(make_conninfo(POSTGRES_DSN, user=role), schema=pg_schema)
+        older, known = len(MIGRATIONS) - 1, len(MIGRATIONS)
+        with pytest.raises(BackendError, match=f"needs migrating \\(version {older} of {known}\\)"):
+            await backend.open()
+        with pytest.raises(BackendError, match="sitq migrate"):
+            await backend.migrate()
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
+
+
 async def test_a_schema_newer_than_this_sitq_is_opened_with_a_warning(
     pg_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -493,16 +493,26 @@ class PostgresBackend(Backend):
             "SELECT pg_advisory_xact_lock(hashtext(%s))",
             (_MIGRATION_LOCK_NAMESPACE + self.schema,),
         )
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
-        await conn.execute(self._sql.migration_table)
-        current = await self._schema_version(conn)  # another migrator may have run
-        pending = self._sql.migrations[current:]
-        for number, script in enumerate(pending, start=current + 1):
-            await conn.execute(script)
-            await conn.execute(
-                f"INSERT INTO {self._sql.schema}.sitq_migrations (version) VALUES (%s)",
-                (number,),
-            )
+        try:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._sql.schema}")
+            await conn.execute(self._sql.migration_table)
+            current = await self._schema_version(conn)  # another migrator may have run
+            pending = self._sql.migrations[current:]
+            for number, script in enumerate(pending, start=current + 1):
+                await conn.execute(script)
+                await conn.execute(
+                    f"INSERT INTO {self._sql.schema}.sitq_migrations (version) VALUES (%s)",
+                    (number,),
+                )
+        except pg_errors.InsufficientPrivilege as exc:
+            # An account allowed only rows, on a schema this sitq is newer than: the
+            # server's words ("permission denied for database app") do not say why
+            # anything was being created.
+            raise BackendError(
+                f"schema {self.schema} needs migrating (version {version} of {known}), and"
+                f" this account may not create tables there: run `sitq migrate` (or"
+                f" migrate()) with one that may. {exc}"
+            ) from exc
         return len(pending)
 
     async def _schema_version(self, conn: Conn) -> int:
