@@ -437,12 +437,14 @@ def test_a_pool_still_open_when_its_loop_ends_is_closed(pg_schema: str) -> None:
 
 def test_schema_name_is_validated() -> None:
     # "name\n" once passed: a regex's $ also matches before a final newline.
-    for schema in ('x"; DROP TABLE y; --', "jobs\n", "\njobs", "", "a" * 64, 5):
+    # "pg_jobs" is PostgreSQL's to use: it refused to create it, so open() failed.
+    for schema in ('x"; DROP TABLE y; --', "jobs\n", "\njobs", "", "a" * 64, 5, "pg_jobs"):
         with pytest.raises(ValidationError, match="schema"):
             PostgresBackend(POSTGRES_DSN, schema=schema)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="schema"):
         backend_from_url(f"{POSTGRES_DSN}?schema=jobs%0A")
     assert PostgresBackend(POSTGRES_DSN, schema="a" * 63).schema == "a" * 63
+    assert PostgresBackend(POSTGRES_DSN, schema="PG_jobs").schema == "PG_jobs"
 
 
 @pytest.mark.parametrize(

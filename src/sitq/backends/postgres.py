@@ -212,6 +212,9 @@ class PostgresBackend(Backend):
             raise ValidationError(
                 f"schema must be a plain identifier (letters, digits, _), got {name!r}"
             )
+        if name.startswith("pg_"):
+            # PostgreSQL refuses to create it, so open() failed, on first use.
+            raise ValidationError(f"schema names starting with pg_ are PostgreSQL's, got {name!r}")
         int_in_range(min_size, "min_size", 0, INT32_MAX)
         int_in_range(max_size, "max_size", 1, INT32_MAX)
         if max_size < min_size:
