@@ -1188,6 +1188,32 @@ async def test_a_statement_a_timeout_cancels_is_reported_as_such(
         await backend.close()
 
 
+async def test_conflicts_that_do_not_clear_leave_the_storage_unavailable(pg_schema: str) -> None:
+    # A deadlock or serialization failure still there after the retries raised a plain
+    # BackendError, which a worker takes for its outcome being refused: a task that
+    # succeeded was recorded failed though the conflict was a passing one.
+    backend = PostgresBackend(POSTGRES_DSN, schema=pg_schema)
+    await backend.open()
+    try:
+        await backend.enqueue([job("a")])
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
+            await admin.execute(
+                f"""CREATE FUNCTION "{pg_schema}".deadlock() RETURNS trigger AS $$
+                BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END
+                $$ LANGUAGE plpgsql"""
+            )
+            await admin.execute(
+                f'CREATE TRIGGER deadlock BEFORE UPDATE ON "{pg_schema}".sitq_jobs'
+                f' FOR EACH ROW EXECUTE FUNCTION "{pg_schema}".deadlock()'
+            )
+            with pytest.raises(StorageUnavailableError, match="conflicts"):
+                await backend.cancel("a", NOW)
+            await admin.execute(f'DROP TRIGGER deadlock ON "{pg_schema}".sitq_jobs')
+        assert await backend.cancel("a", NOW)  # the conflict gone: the same call succeeds
+    finally:
+        await backend.close()
+
+
 async def test_a_read_only_database_makes_writes_wait_until_it_is_writable(
     pg_schema: str,
 ) -> None:

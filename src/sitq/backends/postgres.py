@@ -577,7 +577,11 @@ class PostgresBackend(Backend):
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES:
-                    raise BackendError(f"PostgreSQL error: {exc}") from exc
+                    # Still a conflict with other transactions, which end: a worker's
+                    # outcomes must wait for a later try, not be recorded as refused.
+                    raise StorageUnavailableError(
+                        f"PostgreSQL kept failing on conflicts with other transactions: {exc}"
+                    ) from exc
                 await asyncio.sleep(random.uniform(0.001, 0.01) * conflicts)
             except pg_errors.ReadOnlySqlTransaction as exc:
                 # A standby, or default_transaction_read_only (which managed services
