@@ -1054,6 +1054,27 @@ async def test_worker_retention_prunes_as_time_passes(
     assert await queue.get_task(never) is not None
 
 
+async def test_a_worker_with_every_slot_busy_still_prunes(
+    backend: Backend, queue: TaskQueue, clock: FakeClock
+) -> None:
+    # The loop waited for a slot to free without ever reaching the prune: a worker
+    # whose tasks all ran for hours pruned nothing meanwhile.
+    old = await queue.enqueue(record, "old")
+    worker = fake_worker(backend, clock, retention=timedelta(hours=1))
+    async with serving(worker):
+        await wait_until(lambda: settled(queue))
+        await queue.enqueue(hold, "holds the only slot")
+        await wait_until(lambda: "holds the only slot" in STATE.log)
+        clock.advance(timedelta(hours=2))  # old is past retention, the slot still held
+
+        async def old_is_gone() -> bool:
+            return await queue.get_task(old) is None
+
+        await wait_until(old_is_gone)
+        assert STATE.gate is not None
+        STATE.gate.set()
+
+
 def hold_sync_then_fail(label: str) -> None:
     STATE.log.append(label)
     STATE.thread_gate.wait(10)

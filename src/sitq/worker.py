@@ -21,7 +21,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Outcome, Reschedule
@@ -403,8 +403,13 @@ class Worker:
                     wake.clear()
                     if self._waiting:
                         await self._idle(wake, self.clock.now())
-                    else:
+                    elif self.retention is None:
                         await wake.wait()
+                    else:
+                        # Woken for the prune too: a worker whose tasks all run for
+                        # hours must prune as well (the retention is "busy or idle").
+                        await self.clock.sleep_until(self._next_prune(), wake)
+                    await self._prune_if_due(self.clock.now())
                     continue
                 wake.clear()
                 claim = None
@@ -607,6 +612,10 @@ class Worker:
                 else:
                     deadline = next_due
         await self.clock.sleep_until(deadline, wake)
+
+    def _next_prune(self) -> datetime:
+        """When the next prune is due, on the worker's clock."""
+        return datetime.fromtimestamp(self._last_prune, UTC) + PRUNE_EVERY
 
     async def _prune_if_due(self, now: datetime) -> bool:
         """Delete a batch of finished tasks past retention, if a prune is due; ``True``
