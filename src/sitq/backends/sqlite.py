@@ -119,6 +119,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sitq_jobs_lease ON sitq_jobs (kind, lease_expires_at)
         WHERE status = 'running';
     """,
+    # A claim or next_due for one queue (a consumer's, a worker's with --queues): its
+    # due range alone. Filtered by queue, sitq_jobs_due read every due job of other
+    # queues that was ahead of the queue's first one.
+    """
+    CREATE INDEX sitq_jobs_queue_due ON sitq_jobs (kind, queue, priority DESC, available_at)
+        WHERE status = 'pending';
+    """,
 )
 
 _TASK_COLUMNS = (
