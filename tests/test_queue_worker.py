@@ -582,6 +582,26 @@ async def test_a_sync_task_abandoned_as_it_returns_a_coroutine_does_not_start_it
     running.future.result().close()  # never to run
 
 
+async def fail_on_the_loop() -> None:
+    raise ValueError("the task's own error")
+
+
+def test_an_async_task_s_failure_under_run_is_not_chained_to_run_s_loop_check(
+    backend: Backend,
+) -> None:
+    # run() ran the worker inside the except clause of its "no running loop?" check:
+    # each async task's stored traceback began with "RuntimeError: no running event
+    # loop ... During handling of the above exception, another exception occurred".
+    with SyncTaskQueue(backend) as client:
+        task_id = client.enqueue(fail_on_the_loop)
+        Worker(backend).run(burst=True)
+        task = client.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.FAILED
+    assert task.traceback is not None and "the task's own error" in task.traceback
+    assert "RuntimeError" not in task.traceback
+    assert "During handling" not in task.traceback
+
+
 def test_run_inside_a_running_loop_is_refused_cleanly() -> None:
     async def call_run() -> None:
         Worker(MemoryBackend()).run()

@@ -331,8 +331,14 @@ class Worker:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self._run_with_signals(burst))
-        raise WorkerError("run() blocks; inside a running event loop, await serve() instead")
+            pass  # none: run() starts its own
+        else:
+            raise WorkerError("run() blocks; inside a running event loop, await serve() instead")
+        # Not inside the except clause: run from there, the worker ran with that
+        # RuntimeError as the exception being handled, so every exception raised on
+        # its loop (an async task's failure, its stored traceback) was chained to a
+        # "no running event loop" that had nothing to do with it.
+        return asyncio.run(self._run_with_signals(burst))
 
     async def _run_with_signals(self, burst: bool) -> int:
         loop = asyncio.get_running_loop()
