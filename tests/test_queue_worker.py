@@ -1469,6 +1469,43 @@ async def test_stop_cancels_every_running_task_though_releases_hang(
     assert worker._running == {}
 
 
+class _OutcomesHang(MemoryBackend):
+    """A store whose writes of outcomes never answer (the SQLite file locked by another
+    process, a pool waiting for a connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = asyncio.Event()
+
+    async def settle(self, outcomes: Sequence[Outcome], claim: ClaimRequest | None) -> Settled:
+        if outcomes:
+            self.recording.set()
+            await asyncio.Event().wait()
+        return await super().settle(outcomes, claim)
+
+
+async def test_stop_giving_up_on_an_outcome_being_recorded_says_it_was_not(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outcome whose write was under way when stop() gave up was in no list the
+    # give-up looked at: the worker stopped without a word, though the task had run
+    # and would run again when its lease ran out. Found with SIGTERM while another
+    # process held the SQLite write lock.
+    import sitq.worker
+
+    monkeypatch.setattr(sitq.worker, "STOP_STORAGE_SECONDS", 0.2)
+    backend = _OutcomesHang()
+    queue = TaskQueue(backend)
+    task_id = await queue.enqueue(add, 1, 2)
+    worker = Worker(backend)
+    await worker.start()
+    await asyncio.wait_for(backend.recording.wait(), 10)
+    await asyncio.wait_for(worker.stop(timeout=0.05), 10)
+    assert "could not record the last outcomes in time" in caplog.text
+    task = await queue.get_task(task_id)
+    assert task is not None and task.status is TaskStatus.RUNNING  # left to its lease
+
+
 async def test_an_outage_ending_mid_settle_records_the_outcome_not_a_failure() -> None:
     # Found against a real PostgreSQL stopped for 65 s: the batch and the outcome
     # alone failed for want of a connection, the server came back, and the plain

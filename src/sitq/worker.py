@@ -159,6 +159,8 @@ class Worker:
         # leases, and slots, until recorded; retried after the poll interval.
         self._waiting: list[tuple[Outcome, _Running]] = []
         self._retry_waiting_at = 0.0  # monotonic
+        # Outcomes a settle under way is recording: in neither list meanwhile.
+        self._settling: list[tuple[Outcome, _Running]] = []
         self._handing_back = 0  # stop(timeout) hand-backs under way
         self._serving = False  # past opening the backend
         self.processed = 0
@@ -294,7 +296,7 @@ class Worker:
         left = max(0.0, give_up_at - time.monotonic())
         done, _ = await asyncio.wait({main}, timeout=left)
         if not done:
-            if self._outcomes or self._waiting:
+            if self._outcomes or self._waiting or self._settling:
                 logger.error(
                     "could not record the last outcomes in time: their tasks run "
                     "again when their leases run out"
@@ -514,6 +516,15 @@ class Worker:
         if retry_waiting:
             outcomes += self._waiting
             self._waiting = []
+        self._settling = outcomes
+        try:
+            return await self._record_and_claim(outcomes, claim)
+        finally:
+            self._settling = []
+
+    async def _record_and_claim(
+        self, outcomes: list[tuple[Outcome, _Running]], claim: ClaimRequest | None
+    ) -> list[ReservedTask] | None:
         try:
             settled = await self.backend.settle([outcome for outcome, _ in outcomes], claim)
         except Exception:
