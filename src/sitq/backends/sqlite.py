@@ -227,6 +227,32 @@ def _next_level(conn: sqlite3.Connection, kind: JobKind, below: int | None = Non
     return cast(int | None, level)
 
 
+def _due_rowids(queues: tuple[str, ...] | None) -> str:
+    """A claim's pick at one priority level: the rowids of the first ``:limit`` due jobs
+    of ``:kind`` at ``:level`` in due order (then enqueue order), of ``queues`` (bound
+    as ``:q0``, ``:q1``...) if given.
+
+    For several queues, the first ``:limit`` of each queue's range of
+    sitq_jobs_queue_due, merged. Given ``queue IN (...)``, SQLite reads sitq_jobs_due
+    instead (its order spares a sort), and with it every due job of other queues
+    ahead of theirs.
+    """
+    pick = (
+        "SELECT rowid FROM sitq_jobs WHERE status = 'pending' AND kind = :kind"
+        " AND priority = :level AND available_at <= :now{} ORDER BY available_at LIMIT :limit"
+    )
+    if queues is None:
+        return pick.format("")
+    if len(queues) == 1:
+        return pick.format(" AND queue = :q0")
+    names = ", ".join(f"(:q{number})" for number in range(len(queues)))
+    return (
+        f"WITH served(name) AS (VALUES {names}) SELECT job.rowid FROM served, sitq_jobs AS job"
+        f" WHERE job.rowid IN ({pick.format(' AND queue = served.name')})"
+        " ORDER BY job.available_at, job.rowid LIMIT :limit"
+    )
+
+
 _INSERT = (
     "INSERT INTO sitq_jobs (id, queue, kind, status, priority, payload, enqueued_at,"
     " available_at, max_attempts, max_deliveries, interval_us, series_id,"
@@ -660,25 +686,26 @@ class SQLiteBackend(Backend):
         # A job read more than its max_deliveries turns 'dead' instead, and does not
         # count against the limit: the same level is searched again for the slot.
         lease_expires_at = to_micros(request.now + request.lease)
+        # Each queue once: a queue named twice would fill the pick with its jobs twice.
+        queues = None if request.queues is None else tuple(dict.fromkeys(request.queues))
+        due = _due_rowids(queues)
+        served = {f"q{number}": queue for number, queue in enumerate(queues or ())}
         rows: list[Any] = []
         level = _next_level(conn, request.kind)
         while level is not None and len(rows) < request.limit:
             found = conn.execute(
-                "UPDATE sitq_jobs SET status = 'running', owner = ?, attempts = attempts + 1,"
-                " lease_expires_at = ?, started_at = ?"
-                " WHERE rowid IN (SELECT rowid FROM sitq_jobs WHERE status = 'pending'"
-                f" AND kind = ? AND priority = ? AND available_at <= ?{queue_filter}"
-                f" ORDER BY available_at LIMIT ?) RETURNING {_RESERVED_COLUMNS}",
-                [
-                    request.owner,
-                    lease_expires_at,
-                    now,
-                    request.kind,
-                    level,
-                    now,
-                    *(request.queues or ()),
-                    request.limit - len(rows),
-                ],
+                "UPDATE sitq_jobs SET status = 'running', owner = :owner,"
+                " attempts = attempts + 1, lease_expires_at = :lease_end, started_at = :now"
+                f" WHERE rowid IN ({due}) RETURNING {_RESERVED_COLUMNS}",
+                {
+                    "owner": request.owner,
+                    "lease_end": lease_expires_at,
+                    "now": now,
+                    "kind": request.kind,
+                    "level": level,
+                    "limit": request.limit - len(rows),
+                    **served,
+                },
             ).fetchall()
             overdelivered = {row[0] for row in found if row[12] is not None and row[5] > row[12]}
             if overdelivered:
