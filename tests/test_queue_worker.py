@@ -50,7 +50,15 @@ from sitq import (
     Worker,
     WorkerError,
 )
-from sitq.backends.base import Backend, ClaimRequest, Finish, Outcome, Reschedule, Settled
+from sitq.backends.base import (
+    Backend,
+    ClaimRequest,
+    Finish,
+    LeaseReport,
+    Outcome,
+    Reschedule,
+    Settled,
+)
 from sitq.queue import new_id
 from sitq.serialization import DEFAULT_SERIALIZER, CloudpickleSerializer
 from sitq.worker import MAX_ERROR_CHARS
@@ -1504,6 +1512,41 @@ async def test_stop_giving_up_on_an_outcome_being_recorded_says_it_was_not(
     assert "could not record the last outcomes in time" in caplog.text
     task = await queue.get_task(task_id)
     assert task is not None and task.status is TaskStatus.RUNNING  # left to its lease
+
+
+class _OutcomesHangLeasesSeen(_OutcomesHang):
+    """Also notes the ids whose leases were renewed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed: set[str] = set()
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
+    ) -> LeaseReport:
+        self.renewed.update(ids)
+        return await super().extend_leases(owner, ids, lease, now)
+
+
+async def test_a_settle_under_way_keeps_its_tasks_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The heartbeat renewed running tasks and outcomes that wait, not those of a
+    # settle still in its round trips: a long one (a pool's 30 s wait for a
+    # connection, a one-by-one pass) let their leases run out, for another worker
+    # to run the finished task again.
+    import sitq.worker
+
+    monkeypatch.setattr(sitq.worker, "STOP_STORAGE_SECONDS", 0.2)
+    backend = _OutcomesHangLeasesSeen()
+    queue = TaskQueue(backend)
+    task_id = await queue.enqueue(add, 1, 2)
+    worker = Worker(backend, visibility_timeout=0.3)
+    await worker.start()
+    try:
+        await asyncio.wait_for(backend.recording.wait(), 10)
+        backend.renewed.clear()
+        await wait_until(lambda: task_id in backend.renewed)
+    finally:
+        await asyncio.wait_for(worker.stop(timeout=0.05), 10)
 
 
 async def test_an_outage_ending_mid_settle_records_the_outcome_not_a_failure() -> None:

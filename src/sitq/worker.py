@@ -1019,10 +1019,10 @@ class Worker:
             # Tasks whose outcome waits for the storage keep their leases too: were
             # they to run out while the storage is up (no room yet for a big result
             # on a full disk), the task would be run again while its outcome waits.
-            held = [
-                *self._running,
-                *(running.reserved.id for _, running in [*self._outcomes, *self._waiting]),
-            ]
+            # So do those of a settle under way: its round trips may take long (a
+            # pool's wait for a connection, a one-by-one pass after a failure).
+            outcomes = [*self._outcomes, *self._waiting, *self._settling]
+            held = [*self._running, *(running.reserved.id for _, running in outcomes)]
             if not held:
                 continue
             try:
