@@ -948,6 +948,31 @@ async def test_an_sqlite_backend_opened_again_after_its_file_was_deleted_creates
         await backend.close()
 
 
+async def test_an_sqlite_wal_file_is_cut_back_after_a_large_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The -wal file kept the size of the largest write for as long as the database
+    # was open anywhere: 60-130 MB after an enqueue_many of 100,000 calls.
+    import sitq.backends.sqlite
+
+    monkeypatch.setattr(sitq.backends.sqlite, "WAL_SIZE_LIMIT_BYTES", 256 * 1024)
+    path = tmp_path / "sitq.db"
+    wal = tmp_path / "sitq.db-wal"
+    backend = SQLiteBackend(path)
+    await backend.open()
+    try:
+        big = [replace(job(), payload=bytes(4096)) for _ in range(1000)]
+        await backend.enqueue(big)
+        assert wal.stat().st_size > 4 * 1024 * 1024
+        # SQLite starts the -wal over at a write after a checkpoint that copied it all
+        # (its automatic one, at the commit of a write past 1,000 pages).
+        for _ in range(3):
+            await backend.enqueue([job()])
+        assert wal.stat().st_size <= 256 * 1024
+    finally:
+        await backend.close()
+
+
 async def test_an_sqlite_file_newer_than_this_sitq_opens_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

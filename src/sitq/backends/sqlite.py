@@ -72,6 +72,10 @@ FINISH_BATCH = 500
 WATCH_EVERY_SECONDS = 0.005
 #: How often a connection in use checks that its path still names the file it opened.
 CHECK_FILE_EVERY_SECONDS = 1.0
+#: The size the -wal file is cut back to when SQLite starts it over: without it, the
+#: file keeps the size of the largest write (an ``enqueue_many`` of 100,000 calls
+#: leaves 60-130 MB) for as long as any process has the database open.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)  # made once: building it costs more than the division
@@ -412,6 +416,7 @@ class SQLiteBackend(Backend):
             # No lock once the file is in WAL mode: only a new file's switch takes one.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {int(WAL_SIZE_LIMIT_BYTES)}")
             # Each new connection looks (a read, no lock): the file may have been deleted
             # and created again since the last, and then has no tables.
             self._migrate(conn)
