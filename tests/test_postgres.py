@@ -1081,6 +1081,35 @@ async def test_session_defaults_of_the_role_or_database_change_nothing(
         await backend.close()
 
 
+@pytest.mark.parametrize(
+    ("zone", "eta"),
+    [
+        # West of UTC, datetime.min read back as a date BC, and east of it the end of
+        # datetime.max as year 10000: psycopg raised DataError on every read of the
+        # task, and every claim once it was due failed.
+        ("America/New_York", datetime.min.replace(tzinfo=UTC)),
+        ("Asia/Tokyo", datetime.max.replace(tzinfo=UTC)),
+    ],
+)
+async def test_the_extreme_etas_read_back_whatever_the_session_time_zone(
+    pg_schema: str, zone: str, eta: datetime
+) -> None:
+    backend = PostgresBackend(with_session_defaults(TimeZone=zone), schema=pg_schema)
+    await backend.open()
+    try:
+        await backend.enqueue([job("a", at=eta)])
+        assert await backend.next_due("task", None) == eta
+        task = await backend.get("a")
+        assert task is not None and task.available_at == eta
+        assert [task.id for task in await backend.list_jobs(TaskQuery())] == ["a"]
+        claimed = await backend.claim(claim("w"))
+        assert [(job.id, job.available_at) for job in claimed] == (
+            [("a", eta)] if eta <= NOW else []
+        )
+    finally:
+        await backend.close()
+
+
 @pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
 async def test_migrators_at_once_under_a_stricter_default_isolation_migrate_once(
     pg_schema: str, isolation: str

@@ -81,7 +81,10 @@ MIGRATIONS: tuple[str, ...] = (
 # Run on each connection as it is made (pooled, LISTEN, a migrator's own): what sitq's
 # statements and their decoding rely on, whatever the role or the database sets as its
 # default (ALTER ROLE or ALTER DATABASE ... SET). psycopg reads timestamptz text only
-# in the ISO DateStyle, and text in the client encoding: in SQL_ASCII it returns bytes
+# in the ISO DateStyle, and as a datetime in the session's TimeZone: west of UTC the
+# first hours of year 1 (datetime.min, a valid eta) read as a BC date, east of it the
+# last of year 9999 as year 10000, and both raised DataError (every claim, once such a
+# task was due). Text comes in the client encoding: in SQL_ASCII it returns bytes
 # (b"running" is not "running"), in LATIN1 it cannot send most of Unicode. The
 # statements are written for READ COMMITTED, each seeing what committed before it
 # started: a migrator's second look at the schema version after the lock wait, a
@@ -90,7 +93,7 @@ MIGRATIONS: tuple[str, ...] = (
 # connections are idle by design between calls (a pool's) or always (a LISTEN's), so
 # idle_session_timeout (PostgreSQL 14+, hence the lookup) would only make them churn.
 SESSION_SETUP = (
-    "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO';"
+    "SET client_encoding = 'UTF8'; SET DateStyle = 'ISO'; SET TimeZone = 'UTC';"
     " SET default_transaction_isolation = 'read committed';"
     " SELECT set_config(name, '0', false) FROM pg_settings"
     " WHERE name = 'idle_session_timeout'"
