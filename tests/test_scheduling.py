@@ -1123,6 +1123,27 @@ async def test_a_result_a_custom_serializer_refuses_fails_the_run_and_the_series
     assert runs[0].error == "TypeError: cannot store this"
 
 
+async def test_a_worker_on_a_clock_just_past_the_epoch_prunes_at_its_first_turn(
+    backend: Backend,
+) -> None:
+    # The time of the last prune started at 0.0, the epoch's timestamp: on a clock
+    # within a minute after the epoch (a FakeClock started there, a host with no
+    # real-time clock before NTP sets it) the first turns took a prune for done.
+    clock = FakeClock(datetime(1970, 1, 1, tzinfo=UTC))
+    queue = TaskQueue(backend, clock=clock)
+    first = await queue.enqueue(record, "first")
+    assert await fake_worker(backend, clock, retention=None).serve(burst=True) == 1
+    clock.advance(10)
+    worker = fake_worker(backend, clock, retention=timedelta(seconds=5))
+    await worker.serve(burst=True)  # its first turn prunes
+    assert await queue.get_task(first) is None
+    second = await queue.enqueue(record, "second")
+    assert await worker.serve(burst=True) == 1
+    clock.advance(10)
+    await worker.serve(burst=True)
+    assert await queue.get_task(second) is not None, "pruned again within PRUNE_EVERY"
+
+
 async def test_a_series_that_starts_late_runs_once_then_returns_to_its_grid(
     backend: Backend, queue: TaskQueue, clock: FakeClock, state: _State
 ) -> None:

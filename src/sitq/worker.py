@@ -21,7 +21,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sitq.backends.base import Backend, ClaimRequest, Finish, NewJob, Outcome, Reschedule
@@ -153,7 +153,7 @@ class Worker:
         self._giving_up = False  # past stop(timeout): unrecordable outcomes are dropped
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[int] | None = None
-        self._last_prune = 0.0
+        self._last_prune: datetime | None = None  # on the worker's clock; None: due
         self._last_claim: ClaimRequest | None = None
         # Outcomes the storage could not take (see _settle): they hold their tasks'
         # leases, and slots, until recorded; retried after the poll interval.
@@ -631,19 +631,25 @@ class Worker:
         await self.clock.sleep_until(deadline, wake)
 
     def _next_prune(self) -> datetime:
-        """When the next prune is due, on the worker's clock."""
-        return datetime.fromtimestamp(self._last_prune, UTC) + PRUNE_EVERY
+        """When the next prune is due, on the worker's clock: now if none was made yet
+        or the clock went back (see _prune_if_due)."""
+        now = self.clock.now()
+        last = self._last_prune
+        if last is None or now < last:
+            return now
+        return last + PRUNE_EVERY
 
     async def _prune_if_due(self, now: datetime) -> bool:
         """Delete a batch of finished tasks past retention, if a prune is due; ``True``
         when the batch was full, so more may be left."""
         if self.retention is None:
             return False
-        # On the worker's clock, so tests can drive retention with a FakeClock.
-        moment = now.timestamp()
-        if 0 <= moment - self._last_prune < PRUNE_EVERY.total_seconds():
+        # On the worker's clock, so tests can drive retention with a FakeClock. A
+        # clock that went back (a wall clock stepped back) makes it due at once.
+        last = self._last_prune
+        if last is not None and timedelta(0) <= now - last < PRUNE_EVERY:
             return False
-        self._last_prune = moment
+        self._last_prune = now
         try:
             # Its own: finished tasks of the queues it serves. Another queue's worker
             # may keep them longer, and messages' archive and dead letters are kept
@@ -663,7 +669,7 @@ class Worker:
         if removed >= PURGE_BATCH:
             # More are due: prune again at the next turn, after a claim, rather than
             # hold the write lock for the whole backlog at once.
-            self._last_prune = moment - PRUNE_EVERY.total_seconds()
+            self._last_prune = None
             return True
         return False
 
