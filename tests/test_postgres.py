@@ -386,6 +386,23 @@ async def test_unreachable_server_is_a_backend_error(pg_schema: str) -> None:
         await backend.get("x")
 
 
+def test_failed_opens_from_loops_that_ended_are_not_kept() -> None:
+    # Each open() that failed left its loop's open lock, and with it the closed loop,
+    # in the backend for ever: a SyncTaskQueue made per request (a loop each) on a
+    # shared backend grew the process by 3 KiB per request while the server was down.
+    backend = PostgresBackend("postgresql://postgres@127.0.0.1:1/test", connect_timeout=0.2)
+
+    async def open_once() -> None:
+        with pytest.raises(BackendError):
+            await backend.open()
+
+    for _ in range(3):
+        asyncio.run(open_once())
+    # The last loop's is dropped at the next open() or close(), from any loop.
+    assert len(backend._open_locks) == 1
+    assert backend._loops == {}
+
+
 def test_a_sync_client_and_a_worker_thread_share_one_backend(
     pg_schema: str, tmp_path: Path
 ) -> None:

@@ -278,10 +278,7 @@ class PostgresBackend(Backend):
     async def _open_in_this_loop(self, *, share: bool) -> None:
         loop = asyncio.get_running_loop()
         with self._loops_lock:
-            for stale in [other for other in self._loops if other.is_closed()]:
-                # That loop is gone and its sockets with it: nothing left to close.
-                del self._loops[stale]
-                self._open_locks.pop(stale, None)
+            self._forget_closed_loops()
             # A worker and a client sharing this object may open it at the same moment.
             lock = self._open_locks.setdefault(loop, asyncio.Lock())
         async with lock:
@@ -292,6 +289,16 @@ class PostgresBackend(Backend):
                 return
             await self._open(loop, users=1 if share else 0)
         self._opened = True
+
+    def _forget_closed_loops(self) -> None:
+        """With ``_loops_lock`` held: drop what belongs to event loops that have closed
+        (their sockets went with them: nothing is left to close). Loops whose open()
+        failed too: they have an open lock and no pool, and were kept, each holding its
+        closed loop, for ever (3 KiB per failed open from a new loop, such as a
+        ``SyncTaskQueue`` made per request while the server is down)."""
+        for stale in [other for other in {*self._loops, *self._open_locks} if other.is_closed()]:
+            self._loops.pop(stale, None)
+            self._open_locks.pop(stale, None)
 
     async def _open(self, loop: asyncio.AbstractEventLoop, users: int) -> None:
         connections: weakref.WeakSet[Conn] = weakref.WeakSet()
@@ -377,8 +384,7 @@ class PostgresBackend(Backend):
                 return
             self._loops.pop(loop, None)
             self._open_locks.pop(loop, None)
-            for stale in [other for other in self._loops if other.is_closed()]:
-                del self._loops[stale]
+            self._forget_closed_loops()
             # _opened stays set: a client that kept using the object after another
             # closed this loop's pool (a Producer after its TaskQueue's context, say)
             # connects again rather than failing "not open".
