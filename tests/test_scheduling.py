@@ -760,6 +760,31 @@ async def test_sync_task_over_its_timeout_is_abandoned_and_the_worker_goes_on(
         await wait_until(state.thread_done.is_set)
 
 
+async def test_each_abandoned_thread_is_counted_in_a_warning(
+    backend: Backend,
+    queue: TaskQueue,
+    clock: FakeClock,
+    state: _State,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sync call that never returns keeps its thread for the life of the process, and
+    # nothing said how many had piled up: the soak probe saw 121 threads and no word.
+    first = await queue.enqueue(hold_sync, "first", timeout=0.2)
+    second = await queue.enqueue(hold_sync, "second", timeout=0.2)
+    try:
+        with caplog.at_level("WARNING", logger="sitq.worker"):
+            worker = fake_worker(backend, clock, max_concurrency=1)
+            assert await worker.serve(burst=True) == 2
+        warnings = [record.getMessage() for record in caplog.records]
+        assert [message.split(" timed out")[0] for message in warnings] == [
+            f"task {first}",
+            f"task {second}",
+        ]
+        assert "(1 threads" in warnings[0] and "(2 threads" in warnings[1]
+    finally:
+        state.thread_gate.set()
+
+
 async def test_timeout_must_be_positive(queue: TaskQueue) -> None:
     for bad in (0, -1, timedelta(0)):
         with pytest.raises(ValidationError, match="timeout"):

@@ -78,6 +78,11 @@ class ThreadRunner:
             self._shut_down = True
             self._woken.notify_all()
 
+    def threads_alive(self) -> int:
+        """Threads not yet exited: after :meth:`shutdown`, those still in a call."""
+        with self._lock:
+            return sum(thread.is_alive() for thread in self._threads)
+
     def _send_a_thread(self) -> None:
         """With the lock held: make sure a thread is on its way to the queued calls."""
         if self._ready or not self._calls:

@@ -149,6 +149,8 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._outcomes: list[tuple[Outcome, _Running]] = []
         self._threads: ThreadRunner | None = None
+        # Pools replaced after a sync task timed out, while threads of theirs run on.
+        self._retired_threads: list[ThreadRunner] = []
         self._stopping = False
         self._giving_up = False  # past stop(timeout): unrecordable outcomes are dropped
         self._wake: asyncio.Event | None = None
@@ -895,7 +897,7 @@ class Worker:
             if not scope.expired():
                 raise
             if not running.is_async:
-                self._replace_threads()
+                self._replace_threads(running)
             raise TaskTimeoutError(call.timeout) from None
 
     async def _call(self, running: _Running, call: TaskCall) -> Any:
@@ -914,12 +916,28 @@ class Worker:
             value = await value
         return value
 
-    def _replace_threads(self) -> None:
-        """A timed-out sync task keeps its thread; give later tasks fresh threads."""
+    def _replace_threads(self, running: _Running) -> None:
+        """A timed-out sync task keeps its thread; give later tasks fresh threads, and
+        say how many threads are left running so (a call that never returns keeps one
+        for the life of the process, and only the log can tell)."""
         old = self._threads
         self._threads = ThreadRunner(self.max_concurrency, asyncio.get_running_loop())
         if old is not None:
             old.shutdown()
+            self._retired_threads.append(old)
+        alive = 0
+        for pool in list(self._retired_threads):
+            count = pool.threads_alive()
+            if count:
+                alive += count
+            else:
+                self._retired_threads.remove(pool)
+        logger.warning(
+            "task %s timed out; its thread cannot be stopped and runs on (%d threads of "
+            "pools replaced after timeouts still running in this worker)",
+            running.reserved.id,
+            alive,
+        )
 
     def _fail(
         self,
