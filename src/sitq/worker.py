@@ -458,7 +458,10 @@ class Worker:
                 more_to_prune = await self._prune_if_due(now)
                 if claimed or settled_any or more_to_prune:
                     continue
-                if burst and not self._running:
+                # A task may have finished during this turn's round trip (a sync task's
+                # thread, while PostgreSQL answered): its outcome, perhaps a retry due
+                # at once, is settled by the next turn, which claims what it made due.
+                if burst and not self._running and not self._outcomes:
                     break
                 await self._idle(wake, now)
             while self._running or self._outcomes or self._waiting or self._handing_back:
