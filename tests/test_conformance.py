@@ -21,7 +21,9 @@ import pytest
 from helpers import remove_sqlite_files
 from sitq import (
     BackendError,
+    Consumer,
     FakeClock,
+    Producer,
     RetryPolicy,
     SQLiteBackend,
     StorageUnavailableError,
@@ -852,6 +854,22 @@ async def test_a_burst_drains_a_retry_that_a_task_finishing_during_a_claim_made_
     task = await queue.get_task(task_id)
     assert task is not None
     assert (task.status, task.attempts) == (TaskStatus.FAILED, 3)
+
+
+async def test_messages_whose_timeouts_ran_out_are_dequeued_again_oldest_first(
+    backend: Backend,
+) -> None:
+    # Three messages enqueued together are equally old: the first enqueued goes first.
+    # SQLite chose among timed-out ones by when their timeouts ran out instead.
+    clock = FakeClock()
+    await Producer(backend, "jobs", clock=clock).enqueue_many([0, 1, 2])
+    slow = Consumer(backend, "jobs", visibility_timeout=30, clock=clock)
+    fast = Consumer(backend, "jobs", visibility_timeout=5, clock=clock)
+    held = [*await slow.dequeue(), *await fast.dequeue(), *await fast.dequeue()]
+    assert [message.payload for message in held] == [0, 1, 2]
+    clock.advance(31)
+    again = Consumer(backend, "jobs", clock=clock)
+    assert [[m.payload for m in await again.dequeue()] for _ in range(3)] == [[0], [1], [2]]
 
 
 def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:

@@ -672,7 +672,7 @@ class SQLiteBackend(Backend):
             for (rowid,) in conn.execute(
                 "SELECT rowid FROM sitq_jobs WHERE status = 'running' AND kind = ?"
                 f" AND lease_expires_at <= ?{queue_filter}"
-                " ORDER BY priority DESC, available_at LIMIT ?",
+                " ORDER BY priority DESC, available_at, rowid LIMIT ?",
                 [request.kind, now, *(request.queues or ()), request.limit],
             )
         ]
