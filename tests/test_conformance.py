@@ -268,6 +268,24 @@ async def test_jobs_turning_dead_do_not_shorten_a_claim(backend: Backend) -> Non
     assert sorted(t.id for t in dead) == ["a", "b", "c", "d"]
 
 
+async def test_a_job_turning_dead_keeps_the_start_of_its_last_delivery(backend: Backend) -> None:
+    # `sitq messages list` shows it: SQLite gave a dead message the time of the claim
+    # that found it dead as its start, as if it had been delivered once more.
+    await backend.enqueue(
+        [replace(job(name, kind="message"), max_deliveries=1) for name in ("held", "released")]
+    )
+    await backend.claim(claim_req("c1", now=1, kind="message"))
+    assert await backend.reschedule(Reschedule("released", "c1", at(2)))
+    assert await backend.claim(claim_req("c2", now=60, kind="message")) == []
+    for name in ("held", "released"):
+        task = await get(backend, name)
+        assert (task.status, task.started_at, task.finished_at) == (
+            TaskStatus.DEAD,
+            at(1),
+            at(60),
+        )
+
+
 async def test_concurrent_claims_hand_each_job_to_one_owner(
     backend: Backend, backend_kind: str, make_backend: Callable[[str], Backend]
 ) -> None:
