@@ -890,6 +890,26 @@ async def test_messages_whose_timeouts_ran_out_are_dequeued_again_oldest_first(
     assert [[m.payload for m in await again.dequeue()] for _ in range(3)] == [[0], [1], [2]]
 
 
+async def test_a_message_going_dead_leaves_its_slot_to_the_oldest_visible_one(
+    backend: Backend,
+) -> None:
+    # SQLite let only as many timed-out messages compete as the batch had slots: the
+    # one that went dead took its slot from the older timed-out message, and a newer
+    # message was handed out first.
+    clock = FakeClock()
+    await Producer(backend, "jobs", max_deliveries=1, clock=clock).enqueue("dies")
+    clock.advance(1)
+    producer = Producer(backend, "jobs", clock=clock)
+    await producer.enqueue("older")
+    held = await Consumer(backend, "jobs", visibility_timeout=5, clock=clock).dequeue(2)
+    assert [message.payload for message in held] == ["dies", "older"]
+    await producer.enqueue("newer")
+    clock.advance(10)
+    again = Consumer(backend, "jobs", clock=clock)
+    assert [message.payload for message in await again.dequeue()] == ["older"]
+    assert [dead.payload for dead in await again.dead_letters()] == ["dies"]
+
+
 def test_sqlite_backend_takes_only_a_file_path(tmp_path: Path) -> None:
     # str(None) would open a file named "None": an unset setting must not do that.
     for path in (None, 5, b"sitq.db"):

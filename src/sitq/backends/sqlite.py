@@ -664,23 +664,30 @@ class SQLiteBackend(Backend):
             queue_filter = f" AND queue IN ({_marks(request.queues)})"
         # Jobs whose lease ran out (a dead or stuck worker's) compete with due jobs
         # for the slots. The best ``limit`` of them turn 'pending' for the search
-        # below, owner kept, and those it does not take go back to 'running': the
+        # below (and as many more as jobs it finds turn dead, which free their
+        # slots), owner kept, and those it does not take go back to 'running': the
         # write lock hides the switch, and a holder whose lease ran out keeps the
         # job (it can still extend or settle it) until a claim takes it.
-        expired = [
-            rowid
-            for (rowid,) in conn.execute(
-                "SELECT rowid FROM sitq_jobs WHERE status = 'running' AND kind = ?"
-                f" AND lease_expires_at <= ?{queue_filter}"
-                " ORDER BY priority DESC, available_at, rowid LIMIT ?",
-                [request.kind, now, *(request.queues or ()), request.limit],
-            )
-        ]
-        if expired:
-            conn.executemany(
-                "UPDATE sitq_jobs SET status = 'pending' WHERE rowid = ?",
-                [(rowid,) for rowid in expired],
-            )
+        expired: list[int] = []
+
+        def take_expired(count: int) -> None:
+            found = [
+                rowid
+                for (rowid,) in conn.execute(
+                    "SELECT rowid FROM sitq_jobs WHERE status = 'running' AND kind = ?"
+                    f" AND lease_expires_at <= ?{queue_filter}"
+                    " ORDER BY priority DESC, available_at, rowid LIMIT ?",
+                    [request.kind, now, *(request.queues or ()), count],
+                )
+            ]
+            if found:
+                conn.executemany(
+                    "UPDATE sitq_jobs SET status = 'pending' WHERE rowid = ?",
+                    [(rowid,) for rowid in found],
+                )
+                expired.extend(found)
+
+        take_expired(request.limit)
         # Due jobs, level by level: sitq_jobs_due orders pending jobs by (kind, priority
         # DESC, available_at), so within one priority "due now, earliest first" is a
         # range that ends at the first job not yet due. One range per priority present
@@ -724,6 +731,7 @@ class SQLiteBackend(Backend):
                     " WHERE id = ?",
                     [(now, job_id) for job_id in overdelivered],
                 )
+                take_expired(len(overdelivered))
             rows += [row for row in found if row[0] not in overdelivered]
             if not overdelivered and len(rows) < request.limit:
                 level = _next_level(conn, request.kind, level)
