@@ -503,6 +503,24 @@ async def test_reschedule_with_undo_attempt_gives_the_attempt_back(backend: Back
     assert (await get(backend, "a")).attempts == 0
 
 
+async def test_reschedule_of_a_job_asked_to_cancel_cancels_it_where_it_was_due(
+    backend: Backend,
+) -> None:
+    # A retry of a task cancelled while it ran cancels it: it is not due again, so its
+    # eta stays the time it ran at (SQLite and PostgreSQL showed the retry's time).
+    await backend.enqueue([job("a", due=2, max_attempts=3)])
+    await backend.claim(claim_req("w1", now=3))
+    assert await backend.cancel("a", at(4))
+    assert await backend.reschedule(Reschedule("a", "w1", at(30), error="E: x", now=at(5)))
+    task = await get(backend, "a")
+    assert (task.status, task.available_at, task.finished_at, task.error) == (
+        TaskStatus.CANCELLED,
+        at(2),
+        at(5),
+        "E: x",
+    )
+
+
 async def test_settle_records_outcomes_then_claims(backend: Backend) -> None:
     await backend.enqueue([job("a"), job("b"), job("c", due=5)])
     await backend.claim(claim_req("w1", now=0, limit=1))

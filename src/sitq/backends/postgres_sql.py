@@ -348,11 +348,13 @@ LEFT JOIN claimed ON true
 """
 )
 
+# A job whose cancel was asked for is cancelled instead, keeping the due time it ran at.
 _RESCHEDULE = """
 UPDATE {schema}.sitq_jobs SET
     status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,
     finished_at = CASE WHEN cancel_requested THEN %(finished_at)s ELSE NULL END,
-    available_at = %(at)s, owner = NULL, lease_expires_at = NULL,
+    available_at = CASE WHEN cancel_requested THEN available_at ELSE %(at)s END,
+    owner = NULL, lease_expires_at = NULL,
     attempts = attempts - %(undo)s, error = coalesce(%(error)s, error),
     traceback = coalesce(%(traceback)s, traceback)
 WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'

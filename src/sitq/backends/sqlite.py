@@ -828,7 +828,9 @@ class SQLiteBackend(Backend):
             "UPDATE sitq_jobs SET"
             " status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END,"
             " finished_at = CASE WHEN cancel_requested THEN ? ELSE NULL END,"
-            " available_at = ?, owner = NULL, lease_expires_at = NULL,"
+            # Cancelled, the job is not due again: it keeps the due time it ran at.
+            " available_at = CASE WHEN cancel_requested THEN available_at ELSE ? END,"
+            " owner = NULL, lease_expires_at = NULL,"
             " attempts = attempts - ?, error = coalesce(?, error),"
             " traceback = coalesce(?, traceback)"
             " WHERE id = ? AND owner = ? AND status = 'running' RETURNING id",
