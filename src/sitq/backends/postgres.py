@@ -725,7 +725,9 @@ class PostgresBackend(Backend):
             "lease_expires_at": request.now + request.lease,
         }
         if request.queues is not None:
-            params["queues"] = list(request.queues)
+            # Each queue once: a queue named twice (--queues a,a) would have its due
+            # range read twice, and its jobs fill the pick twice (fewer taken).
+            params["queues"] = list(dict.fromkeys(request.queues))
         return params
 
     async def _send_claim(self, conn: Conn, request: ClaimRequest) -> Cursor | None:
@@ -1012,7 +1014,7 @@ class PostgresBackend(Backend):
         statement = self._sql.next_due_all
         if queues is not None:
             statement = self._sql.next_due_queues
-            params["queues"] = list(queues)
+            params["queues"] = list(dict.fromkeys(queues))
 
         async def work(conn: Conn) -> Any:
             cursor = await conn.execute(statement, params)

@@ -76,6 +76,15 @@ MIGRATIONS: tuple[str, ...] = (
     # The slot a recurring run was due at, kept when a retry moves available_at
     # (NULL, in rows from before: the same as available_at).
     "ALTER TABLE {schema}.sitq_jobs ADD COLUMN scheduled_at timestamptz",
+    # A claim or next_due for some queues (every consumer's, a worker's with --queues):
+    # each served queue's due range at each level. With sitq_jobs_due alone, filtered
+    # by queue, they read every due job of other queues, or the whole table. The level
+    # is keyed as priority::bigint, and matched so (see _CLAIM_STEPS).
+    """
+    CREATE INDEX sitq_jobs_queue_due
+        ON {schema}.sitq_jobs (kind, queue, (priority::bigint), available_at, seq)
+        WHERE status = 'pending';
+    """,
 )
 
 # Run on each connection as it is made (pooled, LISTEN, a migrator's own): what sitq's
@@ -194,13 +203,21 @@ levels (priority) AS (
 # saying nothing is due) can make the planner trade for a sort of every due job or a
 # scan of the scheduled backlog. Up to ``limit`` jobs per level are locked, the best
 # ``limit`` overall kept; the others are released at commit.
+#
+# For some queues, the same per served queue (``served``): its range of
+# sitq_jobs_queue_due at each level, up to ``limit`` jobs each. Filtered by queue, a
+# walk of sitq_jobs_due read every due job of other queues ahead of the served ones'.
+# The level is matched as priority::bigint, that index's key, not as priority: then
+# both indexes gave the order wanted, and when the statistics know of one queue only
+# (a backlog in one queue, the served ones empty) the planner could not tell them
+# apart and walked sitq_jobs_due. Matched so, sitq_jobs_due would need a sort.
 _CLAIM_STEPS = (
     _PRIORITY_LEVELS
     + """, due AS (
-    SELECT level_due.* FROM levels CROSS JOIN LATERAL (
+    SELECT level_due.* FROM levels{served} CROSS JOIN LATERAL (
         SELECT id, priority, available_at, seq FROM {schema}.sitq_jobs
-        WHERE status = 'pending' AND kind = %(kind)s AND priority = levels.priority
-              AND available_at <= %(now)s{queue_filter}
+        WHERE status = 'pending' AND kind = %(kind)s{at_level}
+              AND available_at <= %(now)s
         ORDER BY available_at, seq
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -400,21 +417,21 @@ RETURNING j.id
 # available_at, seq): a loose index scan visits each priority level present (a
 # recursive probe for the next lower one), takes that level's first due time (an
 # index probe), and keeps the smallest. Cheap however many jobs are pending, as long
-# as the distinct priorities are few. Or, if sooner, the first lease to run out
-# (sitq_jobs_lease): a dead worker's job is claimable then.
+# as the distinct priorities are few. For some queues, each served queue's first due
+# time at each level, from sitq_jobs_queue_due, as in the claim. Or, if sooner, the
+# first lease to run out (sitq_jobs_lease): a dead worker's job is claimable then.
 _NEXT_DUE = (
     "WITH RECURSIVE "
     + _PRIORITY_LEVELS
     + """
 SELECT least(
-    (SELECT min((SELECT j.available_at FROM {schema}.sitq_jobs AS j
-                 WHERE j.status = 'pending' AND j.kind = %(kind)s
-                       AND j.priority = levels.priority{queue_filter}
-                 ORDER BY j.available_at LIMIT 1))
-     FROM levels WHERE levels.priority IS NOT NULL),
-    (SELECT j.lease_expires_at FROM {schema}.sitq_jobs AS j
-     WHERE j.status = 'running' AND j.kind = %(kind)s{queue_filter}
-     ORDER BY j.lease_expires_at LIMIT 1))
+    (SELECT min((SELECT available_at FROM {schema}.sitq_jobs
+                 WHERE status = 'pending' AND kind = %(kind)s{at_level}
+                 ORDER BY available_at LIMIT 1))
+     FROM levels{served} WHERE levels.priority IS NOT NULL),
+    (SELECT lease_expires_at FROM {schema}.sitq_jobs
+     WHERE status = 'running' AND kind = %(kind)s{queue_filter}
+     ORDER BY lease_expires_at LIMIT 1))
 """
 )
 
@@ -469,7 +486,17 @@ class Statements:
             # up to 4 kB of text (see test_every_statement_fits_the_drivers_query_cache).
             return _INDENTATION.sub("\n", template.format(schema=schema, **extra))
 
-        queue_filter = " AND queue = ANY(%(queues)s)"
+        # For all queues or some (see _CLAIM_STEPS); lease expiry is read alike.
+        every_queue = {
+            "served": "",
+            "at_level": " AND priority = levels.priority",
+            "queue_filter": "",
+        }
+        some_queues = {
+            "served": " CROSS JOIN unnest(%(queues)s::text[]) AS served (name)",
+            "at_level": " AND queue = served.name AND priority::bigint = levels.priority",
+            "queue_filter": " AND queue = ANY(%(queues)s)",
+        }
         unfinished = " AND id <> %(finished_id)s"
         unfinished_many = " AND id <> ALL(ARRAY(SELECT id FROM outcome))"
         table = f"{schema}.sitq_jobs"
@@ -479,32 +506,30 @@ class Statements:
             enqueue_one=fill(_ANNOUNCE.replace("{insert}", _INSERT_ONE)),
             enqueue_many=fill(_ANNOUNCE.replace("{insert}", _INSERT_MANY)),
             enqueue_uniform=fill(_ANNOUNCE.replace("{insert}", _INSERT_UNIFORM)),
-            claim_all=fill(_CLAIM, queue_filter="", unfinished="", reserved=RESERVED_COLUMNS),
-            claim_queues=fill(
-                _CLAIM, queue_filter=queue_filter, unfinished="", reserved=RESERVED_COLUMNS
-            ),
+            claim_all=fill(_CLAIM, **every_queue, unfinished="", reserved=RESERVED_COLUMNS),
+            claim_queues=fill(_CLAIM, **some_queues, unfinished="", reserved=RESERVED_COLUMNS),
             finish_and_claim_all=fill(
                 _FINISH_AND_CLAIM,
-                queue_filter="",
+                **every_queue,
                 unfinished=unfinished,
                 reserved=RESERVED_COLUMNS,
             ),
             finish_and_claim_queues=fill(
                 _FINISH_AND_CLAIM,
-                queue_filter=queue_filter,
+                **some_queues,
                 unfinished=unfinished,
                 reserved=RESERVED_COLUMNS,
             ),
             finish_many=fill(_FINISH_MANY),
             finish_many_and_claim_all=fill(
                 _FINISH_MANY_AND_CLAIM,
-                queue_filter="",
+                **every_queue,
                 unfinished=unfinished_many,
                 reserved=RESERVED_COLUMNS,
             ),
             finish_many_and_claim_queues=fill(
                 _FINISH_MANY_AND_CLAIM,
-                queue_filter=queue_filter,
+                **some_queues,
                 unfinished=unfinished_many,
                 reserved=RESERVED_COLUMNS,
             ),
@@ -519,8 +544,8 @@ class Statements:
             list_prefix=f"SELECT {TASK_COLUMNS} FROM {table}",
             list_with_payload_prefix=f"SELECT {TASK_COLUMNS}, payload FROM {table}",
             queue_stats=fill(_QUEUE_STATS),
-            next_due_all=fill(_NEXT_DUE, queue_filter=""),
-            next_due_queues=fill(_NEXT_DUE, queue_filter=" AND j.queue = ANY(%(queues)s)"),
+            next_due_all=fill(_NEXT_DUE, **every_queue),
+            next_due_queues=fill(_NEXT_DUE, **some_queues),
             # LIMIT NULL is no limit. By id array, as in the claim: primary-key probes.
             # The conditions again on the DELETE itself: the array is read from the
             # statement's snapshot, and a row changed meanwhile (a retry() committed
