@@ -785,6 +785,31 @@ async def test_each_abandoned_thread_is_counted_in_a_warning(
         state.thread_gate.set()
 
 
+async def test_a_replaced_pool_s_idle_threads_are_not_counted_as_running_on(
+    backend: Backend,
+    queue: TaskQueue,
+    clock: FakeClock,
+    state: _State,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The warning counted the replaced pool's threads not yet exited: its idle ones,
+    # told to exit an instant before, had not yet, and it said 2 ran on, not 1.
+    try:
+        async with serving(fake_worker(backend, clock, max_concurrency=2)):
+            await queue.enqueue(hold_sync, "a")
+            await queue.enqueue(hold_sync, "b")
+            await wait_until(lambda: len(state.log) == 2)  # the pool has two threads
+            state.thread_gate.set()
+            await wait_until(lambda: settled(queue))  # both idle
+            state.thread_gate.clear()
+            with caplog.at_level("WARNING", logger="sitq.worker"):
+                await queue.enqueue(hold_sync, "stuck", timeout=0.2)
+                await wait_until(lambda: "timed out" in caplog.text)
+        assert "(1 threads of pools replaced" in caplog.text
+    finally:
+        state.thread_gate.set()
+
+
 async def test_timeout_must_be_positive(queue: TaskQueue) -> None:
     for bad in (0, -1, timedelta(0)):
         with pytest.raises(ValidationError, match="timeout"):

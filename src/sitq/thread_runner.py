@@ -53,6 +53,7 @@ class ThreadRunner:
         self._ready = 0  # threads awake and about to take a call
         self._asleep = 0  # threads waiting to be woken
         self._wakes = 0  # wake-ups sent and not yet taken (each already counted ready)
+        self._unfinished = 0  # calls submitted and not yet returned
         # Results on their way to the loop: non-empty exactly while a hand-back is due.
         self._finished: list[_Done] = []
         self._shut_down = False
@@ -70,6 +71,7 @@ class ThreadRunner:
             except RuntimeError:  # no thread could be started: the call never runs
                 self._calls.pop()
                 raise
+            self._unfinished += 1
         return future
 
     def shutdown(self) -> None:
@@ -78,10 +80,11 @@ class ThreadRunner:
             self._shut_down = True
             self._woken.notify_all()
 
-    def threads_alive(self) -> int:
-        """Threads not yet exited: after :meth:`shutdown`, those still in a call."""
+    def busy_threads(self) -> int:
+        """Threads in a call or about to take one: after :meth:`shutdown`, those that
+        run on. Not the threads alive: the idle ones, told to exit, may not have yet."""
         with self._lock:
-            return sum(thread.is_alive() for thread in self._threads)
+            return self._unfinished
 
     def _send_a_thread(self) -> None:
         """With the lock held: make sure a thread is on its way to the queued calls."""
@@ -139,6 +142,7 @@ class ThreadRunner:
     def _finish(self, done: _Done) -> None:
         with self._lock:
             self._finished.append(done)
+            self._unfinished -= 1
             self._ready += 1  # this thread goes on to the next call
             if len(self._finished) > 1:
                 return  # the hand-back already scheduled takes this result too

@@ -930,7 +930,7 @@ class Worker:
             self._retired_threads.append(old)
         alive = 0
         for pool in list(self._retired_threads):
-            count = pool.threads_alive()
+            count = pool.busy_threads()
             if count:
                 alive += count
             else:
