@@ -418,7 +418,7 @@ class Worker:
                     else:
                         # Woken for the prune too: a worker whose tasks all run for
                         # hours must prune as well (the retention is "busy or idle").
-                        await self.clock.sleep_until(self._next_prune(), wake)
+                        await self.clock.sleep_until(self._next_prune(self.clock.now()), wake)
                     await self._prune_if_due(self.clock.now())
                     continue
                 wake.clear()
@@ -635,10 +635,10 @@ class Worker:
                     deadline = next_due
         await self.clock.sleep_until(deadline, wake)
 
-    def _next_prune(self) -> datetime:
-        """When the next prune is due, on the worker's clock: now if none was made yet
-        or the clock went back (see _prune_if_due)."""
-        now = self.clock.now()
+    def _next_prune(self, now: datetime) -> datetime:
+        """When the next prune is due, on the worker's clock (so tests can drive
+        retention with a FakeClock): ``now`` if none was made yet, or if the clock went
+        back past the last one (a wall clock stepped back)."""
         last = self._last_prune
         if last is None or now < last:
             return now
@@ -647,12 +647,7 @@ class Worker:
     async def _prune_if_due(self, now: datetime) -> bool:
         """Delete a batch of finished tasks past retention, if a prune is due; ``True``
         when the batch was full, so more may be left."""
-        if self.retention is None:
-            return False
-        # On the worker's clock, so tests can drive retention with a FakeClock. A
-        # clock that went back (a wall clock stepped back) makes it due at once.
-        last = self._last_prune
-        if last is not None and timedelta(0) <= now - last < PRUNE_EVERY:
+        if self.retention is None or now < self._next_prune(now):
             return False
         self._last_prune = now
         try:
