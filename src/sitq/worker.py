@@ -413,12 +413,12 @@ class Worker:
                     wake.clear()
                     if self._waiting:
                         await self._idle(wake, self.clock.now())
-                    elif self.retention is None:
-                        await wake.wait()
                     else:
-                        # Woken for the prune too: a worker whose tasks all run for
-                        # hours must prune as well (the retention is "busy or idle").
-                        await self.clock.sleep_until(self._next_prune(self.clock.now()), wake)
+                        # Woken by a task finishing, or by the heartbeat when a prune is
+                        # due: a worker whose tasks all run for hours must prune too
+                        # (the retention is "busy or idle"). Not a timed wait here: on
+                        # the hot path, wait_for costs 3x a plain wait.
+                        await wake.wait()
                     await self._prune_if_due(self.clock.now())
                     continue
                 wake.clear()
@@ -1035,9 +1035,20 @@ class Worker:
 
     # -- leases --------------------------------------------------------------------------
 
+    def _wake_for_a_due_prune(self) -> None:
+        """Wake the serve loop if it waits with every slot busy and a prune is due (an
+        idle loop prunes at its own wake-ups)."""
+        if self.retention is None or self._wake is None:
+            return
+        if self._slots_taken() >= self.max_concurrency:
+            now = self.clock.now()
+            if now >= self._next_prune(now):
+                self._wake.set()
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            self._wake_for_a_due_prune()
             # Tasks whose outcome waits for the storage keep their leases too: were
             # they to run out while the storage is up (no room yet for a big result
             # on a full disk), the task would be run again while its outcome waits.
