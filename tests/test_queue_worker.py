@@ -588,7 +588,8 @@ async def test_a_sync_task_abandoned_as_it_returns_a_coroutine_does_not_start_it
     await asyncio.wait_for(worker.stop(), 10)
     (running,) = abandoned
     assert not running.is_async, "the coroutine was started after the abandon"
-    running.future.result().close()  # never to run
+    coroutine = running.future.result()
+    assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED  # no warning left
 
 
 async def fail_on_the_loop() -> None:

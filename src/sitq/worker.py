@@ -785,6 +785,10 @@ class Worker:
             # run out. Abandoned after the thread handed its result back (the future
             # done, so not cancelled) but before this callback ran, a coroutine the
             # task returned was started here, unwatched, after the worker let go.
+            if not future.cancelled() and future.exception() is None:
+                value = future.result()
+                if inspect.iscoroutine(value):
+                    value.close()  # never to run: not left to warn "never awaited"
             self._release(running)
             return
         error = future.exception()
