@@ -331,6 +331,18 @@ async def test_the_first_claim_after_a_lease_runs_out_takes_the_job(backend: Bac
     assert (again.id, again.attempts) == ("a", 2)
 
 
+async def test_a_claim_for_no_queues_takes_nothing(backend: Backend) -> None:
+    # SQLite's pick for several queues lists them in a VALUES clause: for none it
+    # was "VALUES " with no rows, and the claim failed with a syntax error.
+    await backend.enqueue([job("a")])
+    short = timedelta(milliseconds=100)
+    await backend.claim(ClaimRequest("dead-worker", "task", 1, short, at(0)))
+    await backend.enqueue([job("b")])
+    assert await backend.claim(claim_req(now=1, queues=())) == []
+    assert await backend.next_due("task", ()) is None
+    assert sorted(reserved.id for reserved in await backend.claim(claim_req(now=1))) == ["a", "b"]
+
+
 async def test_a_run_out_lease_stays_with_its_holder_until_a_claim_takes_the_job(
     backend: Backend,
 ) -> None:

@@ -658,6 +658,8 @@ class SQLiteBackend(Backend):
         self.wakeup.notify()
 
     def _claim(self, conn: sqlite3.Connection, request: ClaimRequest) -> list[ReservedTask]:
+        if request.queues == ():
+            return []  # serving no queue, it takes nothing (_due_rowids needs one)
         now = to_micros(request.now)
         queue_filter = ""
         if request.queues is not None:
