@@ -24,10 +24,11 @@ class BackendError(SitqError):
 
 
 class StorageUnavailableError(BackendError):
-    """The storage could not be reached in time (PostgreSQL down or out of
-    connections, an SQLite file locked past the wait, its disk full or failing): the
-    same call may succeed later. Other ``BackendError`` are the storage refusing the
-    call itself."""
+    """The storage could not be reached in time, or cannot take the call now
+    (PostgreSQL down, out of connections, read-only, cancelling statements past its
+    timeouts or in conflicts past the retries; an SQLite file locked past the wait,
+    its disk full or failing): the same call may succeed later. Other
+    ``BackendError`` are the storage refusing the call itself."""
 
 
 class TaskNotFoundError(SitqError, LookupError):
