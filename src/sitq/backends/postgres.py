@@ -1001,12 +1001,15 @@ class PostgresBackend(Backend):
 
     async def queue_stats(self, now: datetime) -> list[QueueStats]:
         async def work(conn: Conn) -> list[Any]:
+            # It reads every row: with sequential scans off (SESSION_SETUP) it sorted
+            # them all to group them, 2-3x slower.
+            await conn.execute("SET LOCAL enable_seqscan = on")
             cursor = await conn.execute(self._sql.queue_stats, {"now": now})
             return await cursor.fetchall()
 
         return stats_from_counts(
             (queue, status, count, scheduled, expired, utc(oldest))
-            for queue, status, count, scheduled, expired, oldest in await self._read(work)
+            for queue, status, count, scheduled, expired, oldest in await self._transaction(work)
         )
 
     async def next_due(self, kind: JobKind, queues: tuple[str, ...] | None) -> datetime | None:
