@@ -872,7 +872,25 @@ async def test_finishes_and_heartbeats_find_rows_by_primary_key(
         "token": "t",
     }
     heartbeat = {"ids": ["a", "b"], "owner": "w", "lease_expires_at": NOW}
-    for plan in _plans(pg._sql.finish_many, settle) + _plans(pg._sql.extend, heartbeat):
+    reschedule = {
+        "at": NOW,
+        "finished_at": NOW,
+        "undo": 0,
+        "error": None,
+        "traceback": None,
+        "id": "b",
+        "owner": "w",
+        "channel": pg.channel,
+        "finished_channel": pg.finished_channel,
+        "token": "t",
+    }
+    plans = [
+        *_plans(pg._sql.finish_many, settle),
+        *_plans(pg._sql.extend, heartbeat),
+        *_plans(pg._sql.finish, pg._finish_params(finishes[0])),
+        *_plans(pg._sql.reschedule, reschedule),
+    ]
+    for plan in plans:
         assert "sitq_jobs_pkey" in plan and "sitq_jobs_lease" not in plan, plan
     assert await pg.settle(finishes, None) == Settled([True, True], [])
 

@@ -298,11 +298,15 @@ RETURNING j.id, j.cancel_requested
 # Outcomes announce the rows they change (at commit): a finish to result waiters, a
 # retry as work, or as a finish when it cancels. NOTIFYs repeated in one transaction
 # are delivered once.
+# coalesce(status, '') (status is never NULL): a plain status = 'running' matches the
+# predicate of sitq_jobs_lease, which the planner takes for small (few jobs run at
+# once) and preferred to the primary key, though it keeps an entry for every job leased
+# since the last vacuum: the finish read 18-28 pages there instead of 3.
 _FINISH = """
 UPDATE {schema}.sitq_jobs SET status = %(status)s, owner = NULL, lease_expires_at = NULL,
     finished_at = %(finished_at)s, result = %(result)s, error = %(error)s,
     traceback = %(traceback)s
-WHERE id = %(finished_id)s AND owner = %(finished_by)s AND status = 'running'
+WHERE id = %(finished_id)s AND owner = %(finished_by)s AND coalesce(status, '') = 'running'
 RETURNING cancel_requested, pg_notify(%(finished_channel)s, %(token)s)
 """
 
@@ -390,7 +394,7 @@ UPDATE {schema}.sitq_jobs SET
     owner = NULL, lease_expires_at = NULL,
     attempts = attempts - %(undo)s, error = coalesce(%(error)s, error),
     traceback = coalesce(%(traceback)s, traceback)
-WHERE id = %(id)s AND owner = %(owner)s AND status = 'running'
+WHERE id = %(id)s AND owner = %(owner)s AND coalesce(status, '') = 'running'  -- see _FINISH
 RETURNING id, pg_notify(
     CASE WHEN status = 'cancelled' THEN %(finished_channel)s ELSE %(channel)s END, %(token)s)
 """
