@@ -34,6 +34,7 @@ from sitq import SQLiteBackend, SyncTaskQueue, Task, TaskStatus, ValidationError
 from sitq.backends.base import Backend, NewJob
 from sitq.backends.url import backend_from_url
 from sitq.cli.output import parse_duration
+from sitq.cli.worker import RESTART_AFTER_SECONDS
 
 TESTS_DIR = Path(__file__).parent
 _SCRIPT = Path(sys.executable).parent / "sitq"
@@ -644,6 +645,49 @@ def test_supervisor_forwards_a_second_signal(
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=5) == 128 + signal.SIGTERM
     assert sqlite_store.status(slow) is TaskStatus.RUNNING
+
+
+def test_supervisor_restarts_a_worker_process_that_dies(
+    sqlite_store: Store, workers: list[WorkerProcess]
+) -> None:
+    # Documented in cli.md, untested until now: a child that dies while running (OOM
+    # killer, a crash) is replaced, and the group goes on.
+    worker = WorkerProcess(
+        "--backend", sqlite_store.url, "--import", "cli_tasks", "--poll-interval", "0.05",
+        "--processes", "2",
+    )  # fmt: skip
+    workers.append(worker)
+    started = worker.wait_line(r"worker \S+ started", count=2)
+    seen = time.monotonic()
+    victim = int(re.search(r"\[(\d+)\]", started[0])[1])  # type: ignore[index]
+    # Only a child past its first seconds is restarted (one dying sooner is taken for
+    # bad configuration): the condition under test, not a pause to let things settle.
+    wait_for(lambda: time.monotonic() - seen > RESTART_AFTER_SECONDS, "the start-up window")
+    os.kill(victim, signal.SIGKILL)
+    worker.wait_line(rf"worker process {victim} exited with -9; starting a new one")
+    worker.wait_line(r"worker \S+ started", count=3)
+    ids = sqlite_store.clients[0].enqueue_many([(cli_tasks.whoami, ()) for _ in range(10)])
+    for task_id in ids:
+        sqlite_store.wait_status(task_id, TaskStatus.SUCCESS)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.stderr
+
+
+def test_supervisor_stops_the_group_when_a_worker_process_fails_at_start(
+    sqlite_store: Store, workers: list[WorkerProcess]
+) -> None:
+    # Documented in cli.md, untested until now: a child that exits in its first
+    # seconds (a bad configuration) stops the group with its exit code, rather than
+    # being restarted for ever.
+    worker = WorkerProcess(
+        "--backend", sqlite_store.url, "--import", "cli_fails_in_children", "--processes", "2"
+    )
+    workers.append(worker)
+    code = worker.wait()
+    assert code not in (0, None), worker.stderr
+    assert "misconfigured" in worker.stderr
+    assert "at start; stopping" in worker.stderr
+    assert "starting a new one" not in worker.stderr
 
 
 def _importing_slowly(
