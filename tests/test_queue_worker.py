@@ -1551,6 +1551,37 @@ async def test_a_settle_under_way_keeps_its_tasks_leases(monkeypatch: pytest.Mon
         await asyncio.wait_for(worker.stop(timeout=0.05), 10)
 
 
+class _RenewalsSwallowCancel(MemoryBackend):
+    """A store whose lease renewal takes a cancellation and returns, as a driver may
+    when the renewal is cancelled mid-call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewing = asyncio.Event()
+
+    async def extend_leases(
+        self, owner: str, ids: Sequence[str], lease: timedelta, now: datetime
+    ) -> LeaseReport:
+        if ids:
+            self.renewing.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+        return await super().extend_leases(owner, ids, lease, now)
+
+
+async def test_stop_returns_though_a_renewal_swallowed_the_heartbeat_s_cancel() -> None:
+    # Seen on PostgreSQL, 1 stop in about 40: the serve loop's end cancelled the
+    # heartbeat during a renewal, the call returned normally, and the heartbeat went
+    # on beating: serve(), and the `sitq worker` process, waited for it for ever.
+    backend = _RenewalsSwallowCancel()
+    queue = TaskQueue(backend)
+    await queue.enqueue(async_busy, 0.3)
+    worker = Worker(backend, visibility_timeout=0.3)
+    await worker.start()
+    await asyncio.wait_for(backend.renewing.wait(), 10)
+    await asyncio.wait_for(worker.stop(), 10)
+
+
 async def test_an_outage_ending_mid_settle_records_the_outcome_not_a_failure() -> None:
     # Found against a real PostgreSQL stopped for 65 s: the batch and the outcome
     # alone failed for want of a connection, the server came back, and the plain

@@ -1050,8 +1050,15 @@ class Worker:
                 self._wake.set()
 
     async def _heartbeat(self) -> None:
+        this = asyncio.current_task()
+        assert this is not None
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            if this.cancelling():
+                # Cancelled by the serve loop's end, but a call under way took the
+                # CancelledError and returned (seen with PostgreSQL renewals at a
+                # stop): going on would keep serve() waiting for this task for ever.
+                return
             self._wake_for_a_due_prune()
             # Tasks whose outcome waits for the storage keep their leases too: were
             # they to run out while the storage is up (no room yet for a big result
